@@ -1,0 +1,484 @@
+"""Typed run configuration: nested dataclasses, YAML presets, dotted overrides.
+
+A run is described by one `Config` made of small sections (model, mesh,
+optimizer, train, checkpoint, data, eval). Presets in `configs/*.yaml` say only
+what differs from the defaults below; the command line adds dotted overrides:
+
+    python train.py configs/nano.yaml model.num_layers=8 mesh.fsdp=2
+
+OmegaConf does the merging and type checking; this module turns its errors into
+`ConfigError`s that name the key, the value and what would be valid, and adds
+the cross-field checks OmegaConf cannot know (heads divisible by the tensor
+axis, mesh product equal to the device count, ...).
+
+Only the code that *builds* things (the decoder, the mesh, the optimizer, the
+data source) reads these sections; layers take plain numbers. Imports nothing
+from the rest of gemjax except `errors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from typing import Any, Sequence
+
+import omegaconf
+from omegaconf import OmegaConf
+
+from gemjax.errors import ConfigError
+
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_qkv_proj')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+@dataclasses.dataclass
+class MoEConfig:
+  # 0 = dense model (no MoE layers).
+  num_experts: int = 0
+  top_k: int = 2
+  # An MoE feed-forward replaces the dense one in every n-th layer.
+  moe_every: int = 1
+  # Hidden size of each expert; 0 = model.mlp_dim.
+  expert_dim: int = 0
+  shared_experts: int = 0
+  renormalize: bool = True
+  capacity_factor: float = 1.25
+  # 'auto' (capacity on CPU, dropless on GPU/TPU) | 'capacity' | 'dropless'.
+  path: str = 'auto'
+  router_z_loss: float = 1e-3
+  load_balance_loss: float = 1e-2
+
+
+@dataclasses.dataclass
+class InfiniConfig:
+  segment_len: int = 128
+  # 'linear' | 'delta' (Munkhdalai et al. 2024, eq. 4-5).
+  update: str = 'delta'
+  # Learning-rate multiplier of the per-head memory gate (no weight decay).
+  gate_lr_mult: float = 1.0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  vocab_size: int = 512
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 32
+  mlp_dim: int = 512
+  rope_base: float = 10_000.0
+  # Fractions (t, h, w) of the rotary frequency pairs for multimodal RoPE.
+  # On text (t = h = w) any split equals plain 1D RoPE.
+  mrope_sections: tuple[int, int, int] = (2, 1, 1)
+  qk_norm: bool = True
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  z_loss: float = 1e-4
+  # Attention sublayer / kernel: 'dense' | 'blockwise' | 'ring' | ... (registry).
+  attention: str = 'dense'
+  # Query/key chunk of the blockwise and ring kernels.
+  attention_block: int = 512
+  # Local + global: `local_layers` sliding-window layers, then one global one.
+  local_layers: int = 0
+  window: int = 0
+  mlp: str = 'swiglu'
+  moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+  infini: InfiniConfig = dataclasses.field(default_factory=InfiniConfig)
+  scan_layers: bool = True
+  remat: str = 'none'
+  param_dtype: str = 'float32'
+  # 'auto': float32 on CPU, bfloat16 on GPU/TPU.
+  compute_dtype: str = 'auto'
+  init_std: float = 0.02
+  # Continuous inputs: flattened patch size per modality (0 = no embedder).
+  # Defaults match gemjax.tokenizers: 14x14x3 image/video patches, 4x64 mel.
+  image_patch_dim: int = 588
+  audio_patch_dim: int = 256
+  video_patch_dim: int = 588
+  # Per-modality encoder blocks before the decoder: 0 = early fusion,
+  # > 0 = the late-fusion baseline. `freeze_encoder` keeps them fixed.
+  encoder_layers: int = 0
+  freeze_encoder: bool = False
+
+
+@dataclasses.dataclass
+class MeshConfig:
+  # Sizes of the mesh axes; exactly one may be -1 (fills the remaining devices).
+  data: int = -1
+  fsdp: int = 1
+  expert: int = 1
+  context: int = 1
+  tensor: int = 1
+  # Data-parallel replicas across slices (DCN); 1 = a single slice.
+  dcn_data: int = 1
+  # Multi-host: call jax.distributed.initialize() before anything else.
+  distributed: bool = False
+  coordinator_address: str = ''
+  num_processes: int = 0
+  process_id: int = -1
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+  learning_rate: float = 3e-3
+  warmup_steps: int = 20
+  # Cosine decay length; 0 = until train.steps.
+  decay_steps: int = 0
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  steps: int = 200
+  batch_size: int = 8
+  seq_len: int = 128
+  seed: int = 0
+  run_dir: str = 'runs/nano'
+  log_every: int = 10
+  progress_bar: bool = True
+  tensorboard: bool = True
+  # Stop (with a checkpoint) after this many non-finite losses in a row.
+  max_nonfinite_steps: int = 5
+  # Peak FLOP/s per device for MFU; 0 = datasheet on GPU/TPU, measured on CPU.
+  peak_flops: float = 0.0
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+  every: int = 100
+  keep: int = 3
+  async_save: bool = True
+  # Resume from the newest complete checkpoint in train.run_dir.
+  resume: bool = True
+  # Fine-tune: take parameters (only) from this Orbax checkpoint.
+  init_from: str = ''
+
+
+@dataclasses.dataclass
+class DatasetConfig:
+  # ArrayRecord shards (glob/prefix/dir), a folder, a .jsonl manifest, or 'tfds:NAME'.
+  path: str = ''
+  weight: float = 1.0
+  # 'auto' | 'array_record' | 'folder' | 'jsonl' | 'tfds'
+  kind: str = 'auto'
+  # TFDS split / data_dir (TFDS only).
+  split: str = 'train'
+  data_dir: str = ''
+
+
+@dataclasses.dataclass
+class DataConfig:
+  # 'synthetic' | 'text_file' | 'grain' (the multimodal Grain pipeline).
+  source: str = 'synthetic'
+  # text_file: UTF-8 files read as bytes.
+  train_path: str = ''
+  eval_path: str = ''
+  # grain: the training mixture and the evaluation datasets.
+  datasets: list[DatasetConfig] = dataclasses.field(default_factory=list)
+  eval_datasets: list[DatasetConfig] = dataclasses.field(default_factory=list)
+  # 'bytes' or a SentencePiece .model file.
+  tokenizer: str = 'bytes'
+  # Max patches per packed row for each continuous modality (0 = none).
+  image_patches: int = 64
+  audio_patches: int = 64
+  video_patches: int = 0
+  # Tokenizer settings (patch sizes must match model.*_patch_dim).
+  image_patch_size: int = 14
+  image_max_tokens: int = 256
+  audio_patch_frames: int = 4
+  audio_patch_mels: int = 64
+  video_fps: float = 1.0
+  video_max_frames: int = 8
+  video_frame_tokens: int = 64
+  # Loss weight of predicted tokens by segment kind.
+  loss_weight_text: float = 1.0
+  loss_weight_image_code: float = 1.0
+  # 'skip' (count + log) or 'strict' (raise naming source and index).
+  bad_records: str = 'skip'
+  num_workers: int = 0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+  # Run directory or step directory to evaluate; '' = train.run_dir.
+  checkpoint: str = ''
+  # Packed batches of the eval split for loss / perplexity.
+  batches: int = 8
+  # Per-task accuracy (grain data): rows per forward pass; 0 = every record.
+  task_batch_size: int = 16
+  max_records: int = 0
+  # Where the report goes; '' = <checkpoint run dir>/eval.
+  out_dir: str = ''
+
+
+@dataclasses.dataclass
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+MESH_AXES = ('data', 'fsdp', 'expert', 'context', 'tensor')
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _known_keys(node: Any, prefix: str = '') -> list[str]:
+  keys = []
+  for f in dataclasses.fields(node):
+    value = getattr(node, f.name)
+    path = f'{prefix}{f.name}'
+    keys.append(path)
+    if dataclasses.is_dataclass(value):
+      keys.extend(_known_keys(value, path + '.'))
+  return keys
+
+
+def _inside_list(key: str) -> bool:
+  """'data.datasets.0.weight': list entries are checked by OmegaConf itself."""
+  node: Any = Config()
+  for part in key.split('.'):
+    if isinstance(node, list):
+      return True
+    if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+      return False
+    node = getattr(node, part)
+  return isinstance(node, list)
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+  known = _known_keys(Config())
+  close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+  hint = f"; did you mean '{close[0]}'?" if close else ''
+  return ConfigError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def _check_keys(tree: Any, where: str, prefix: str = '') -> None:
+  """Rejects unknown keys before OmegaConf sees them (for a better message)."""
+  known = set(_known_keys(Config()))
+  if not isinstance(tree, dict):
+    raise ConfigError(f'{where}: expected a mapping of config sections, got '
+                      f'{type(tree).__name__}')
+  for k, v in tree.items():
+    path = f'{prefix}{k}'
+    if path not in known:
+      raise _unknown_key_error(path, where)
+    if isinstance(v, dict):
+      _check_keys(v, where, path + '.')
+    elif isinstance(v, list) and _inside_list(path):
+      for i, entry in enumerate(v):
+        if isinstance(entry, dict):
+          for ek in entry:
+            if ek not in {f.name for f in dataclasses.fields(DatasetConfig)}:
+              close = difflib.get_close_matches(
+                  ek, [f.name for f in dataclasses.fields(DatasetConfig)], n=1)
+              hint = f"; did you mean '{close[0]}'?" if close else ''
+              raise ConfigError(f"{where}: unknown key '{path}[{i}].{ek}'{hint}")
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+  """Defaults <- YAML preset <- dotted overrides, then validation."""
+  base = OmegaConf.structured(Config)
+  layers = []
+  if path:
+    if not os.path.exists(path):
+      raise ConfigError(f'config file {path!r} does not exist')
+    try:
+      raw = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:  # yaml syntax errors
+      raise ConfigError(f'config file {path!r} is not valid YAML: {e}') from e
+    raw = raw or {}
+    _check_keys(raw, path)
+    layers.append((OmegaConf.create(raw), path))
+  for item in overrides:
+    if '=' not in item:
+      raise ConfigError(f"override {item!r} must look like 'section.key=value'")
+    key, value = item.split('=', 1)
+    if key not in set(_known_keys(Config())) and not _inside_list(key):
+      raise _unknown_key_error(key, 'command line')
+    if dataclasses.is_dataclass(_get(Config(), key)):
+      raise ConfigError(f"command line: '{key}' is a section; set one of its "
+                        f'keys, e.g. {key}.{dataclasses.fields(_get(Config(), key))[0].name}=...')
+    layers.append((OmegaConf.from_dotlist([f'{key}={value}']), f'override {item!r}'))
+  merged = base
+  for layer, where in layers:
+    try:
+      merged = OmegaConf.merge(merged, layer)
+    except omegaconf.errors.ValidationError as e:
+      key = getattr(e, 'full_key', '?')
+      expected = _expected_type(key)
+      raise ConfigError(f'{where}: {key}={_value_of(layer, key)!r} is not a '
+                        f'valid {expected}') from e
+    except omegaconf.errors.OmegaConfBaseError as e:
+      raise ConfigError(f'{where}: {e}') from e
+  cfg = OmegaConf.to_object(merged)
+  validate(cfg)
+  return cfg
+
+
+def _get(obj: Any, dotted: str) -> Any:
+  for part in dotted.split('.'):
+    obj = getattr(obj, part)
+  return obj
+
+
+def _value_of(layer: Any, key: str) -> Any:
+  try:
+    return OmegaConf.select(layer, key, throw_on_missing=False)
+  except Exception:  # pragma: no cover - best effort for the message
+    return '?'
+
+
+def _expected_type(key: str) -> str:
+  try:
+    section, name = key.split('.', 1)
+    field = {f.name: f for f in dataclasses.fields(_get(Config(), section))}[name]
+    return str(field.type)
+  except Exception:  # pragma: no cover
+    return 'value'
+
+
+def to_dict(cfg: Config) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+  return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# --------------------------------------------------------------- validation
+
+
+def _fail(key: str, value: Any, valid: str) -> None:
+  raise ConfigError(f'{key}={value!r} is invalid: {valid}')
+
+
+def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+  """Axis sizes with the single -1 filled; errors name the axes and the count."""
+  sizes = {a: getattr(mesh, a) for a in MESH_AXES}
+  fill = [a for a, s in sizes.items() if s == -1]
+  for a, s in sizes.items():
+    if s == 0 or s < -1:
+      _fail(f'mesh.{a}', s, 'axis sizes are positive, or -1 for "the rest"')
+  if len(fill) > 1:
+    raise ConfigError(f'mesh: only one axis may be -1, got {fill}')
+  fixed = math.prod(s for s in sizes.values() if s != -1) * mesh.dcn_data
+  if fill:
+    if num_devices % fixed:
+      raise ConfigError(
+          f'mesh: the fixed axes {_fmt(sizes)} x dcn_data={mesh.dcn_data} '
+          f'(product {fixed}) do not divide the {num_devices} devices, so '
+          f'mesh.{fill[0]}=-1 cannot be filled')
+    sizes[fill[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(
+        f'mesh: the product of the axes {_fmt(sizes)} x dcn_data='
+        f'{mesh.dcn_data} is {fixed}, but there are {num_devices} devices; '
+        'make the product equal the device count or set one axis to -1')
+  return sizes
+
+
+def _fmt(sizes: dict[str, int]) -> str:
+  return ', '.join(f'{k}={v}' for k, v in sizes.items())
+
+
+def validate(cfg: Config, num_devices: int | None = None) -> None:
+  """Cross-field checks. `num_devices` enables the mesh checks."""
+  m = cfg.model
+  for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads',
+              'num_kv_heads', 'head_dim', 'mlp_dim'):
+    if getattr(m, key) <= 0:
+      _fail(f'model.{key}', getattr(m, key), 'must be a positive integer')
+  if m.num_heads % m.num_kv_heads:
+    _fail('model.num_kv_heads', m.num_kv_heads,
+          f'must divide model.num_heads={m.num_heads} (grouped-query attention)')
+  if m.head_dim % 2:
+    _fail('model.head_dim', m.head_dim, 'must be even (rotary embeddings rotate pairs)')
+  if len(m.mrope_sections) != 3 or min(m.mrope_sections) < 0 or sum(m.mrope_sections) == 0:
+    _fail('model.mrope_sections', m.mrope_sections,
+          'three non-negative weights for the (t, h, w) rotary sections')
+  if m.remat not in REMAT_POLICIES:
+    _fail('model.remat', m.remat, f'one of {REMAT_POLICIES}')
+  if m.param_dtype not in DTYPES:
+    _fail('model.param_dtype', m.param_dtype, f'one of {DTYPES}')
+  if m.compute_dtype not in DTYPES + ('auto',):
+    _fail('model.compute_dtype', m.compute_dtype, f"one of {DTYPES + ('auto',)}")
+  from gemjax.model import registry  # late: the registry imports model code
+  registry.check_names(m)
+  t = cfg.train
+  for key in ('steps', 'batch_size', 'seq_len', 'log_every'):
+    if getattr(t, key) <= 0:
+      _fail(f'train.{key}', getattr(t, key), 'must be a positive integer')
+  o = cfg.optimizer
+  if o.learning_rate <= 0:
+    _fail('optimizer.learning_rate', o.learning_rate, 'must be > 0')
+  if not 0 <= o.min_lr_ratio <= 1:
+    _fail('optimizer.min_lr_ratio', o.min_lr_ratio, 'must be in [0, 1]')
+  if o.warmup_steps < 0:
+    _fail('optimizer.warmup_steps', o.warmup_steps, 'must be >= 0')
+  c = cfg.checkpoint
+  if c.every <= 0:
+    _fail('checkpoint.every', c.every, 'must be a positive number of steps')
+  if c.keep <= 0:
+    _fail('checkpoint.keep', c.keep, 'must keep at least one checkpoint')
+  from gemjax.data import registry as sources  # late: keeps config light
+  if cfg.data.source not in sources.SOURCES:
+    close = difflib.get_close_matches(cfg.data.source, list(sources.SOURCES), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ''
+    _fail('data.source', cfg.data.source, f'one of {sorted(sources.SOURCES)}{hint}')
+  d = cfg.data
+  if d.source == 'grain' and not d.datasets:
+    _fail('data.datasets', d.datasets, "data.source='grain' needs at least one dataset")
+  if d.bad_records not in ('skip', 'strict'):
+    _fail('data.bad_records', d.bad_records, "'skip' or 'strict'")
+  if d.source == 'grain':
+    if m.image_patch_dim and m.image_patch_dim != 3 * d.image_patch_size ** 2:
+      _fail('model.image_patch_dim', m.image_patch_dim,
+            f'must be 3 * data.image_patch_size**2 = {3 * d.image_patch_size ** 2}')
+    if m.video_patch_dim and m.video_patch_dim != 3 * d.image_patch_size ** 2:
+      _fail('model.video_patch_dim', m.video_patch_dim,
+            f'must be 3 * data.image_patch_size**2 = {3 * d.image_patch_size ** 2}')
+    if m.audio_patch_dim and m.audio_patch_dim != d.audio_patch_frames * d.audio_patch_mels:
+      _fail('model.audio_patch_dim', m.audio_patch_dim,
+            f'must be data.audio_patch_frames * data.audio_patch_mels = '
+            f'{d.audio_patch_frames * d.audio_patch_mels}')
+  if num_devices is not None:
+    validate_mesh(cfg, num_devices)
+
+
+def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
+  sizes = resolve_mesh_shape(cfg.mesh, num_devices)
+  m = cfg.model
+  tp = sizes['tensor']
+  if m.num_heads % tp:
+    _fail('model.num_heads', m.num_heads,
+          f'must be divisible by mesh.tensor={tp} (heads are split over it)')
+  if m.num_kv_heads % tp and tp % m.num_kv_heads:
+    _fail('model.num_kv_heads', m.num_kv_heads,
+          f'must divide or be divisible by mesh.tensor={tp}')
+  if m.mlp_dim % tp:
+    _fail('model.mlp_dim', m.mlp_dim, f'must be divisible by mesh.tensor={tp}')
+  if m.moe.num_experts and m.moe.num_experts % sizes['expert']:
+    _fail('model.moe.num_experts', m.moe.num_experts,
+          f"must be divisible by mesh.expert={sizes['expert']} (experts are split over it)")
+  batch_shards = sizes['data'] * sizes['fsdp'] * sizes['expert'] * cfg.mesh.dcn_data
+  if cfg.train.batch_size % batch_shards:
+    _fail('train.batch_size', cfg.train.batch_size,
+          f'must be divisible by the batch shards data*fsdp*expert*dcn_data={batch_shards}')
+  if cfg.train.seq_len % sizes['context']:
+    _fail('train.seq_len', cfg.train.seq_len,
+          f"must be divisible by mesh.context={sizes['context']}")
+  return sizes

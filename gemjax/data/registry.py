@@ -1,0 +1,96 @@
+"""Data sources by name (`data.source`): config -> process-local batch iterator.
+
+A builder takes the run config, the split ('train' | 'eval'), this process's
+index and the process count, and returns an iterator of process-local batches
+in the batch contract with `get_state() / set_state()` (checkpointed with the
+model). The Grain pipeline registers itself here the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from gemjax.data import simple
+
+SOURCES: dict[str, Callable] = {}
+
+
+def register_source(name: str):
+  def deco(fn):
+    SOURCES[name] = fn
+    return fn
+  return deco
+
+
+@register_source('synthetic')
+def _synthetic(cfg, split: str, process_index: int, process_count: int):
+  t = cfg.train
+  gen = simple.SyntheticMarkov(vocab=min(256, cfg.model.vocab_size), seed=t.seed)
+  rows = simple.process_rows(t.batch_size, process_index, process_count)
+  salt = 0 if split == 'train' else 1
+  return simple.StepIterator(lambda step: gen.rows(step, rows, t.seq_len, salt))
+
+
+@register_source('text_file')
+def _text_file(cfg, split: str, process_index: int, process_count: int):
+  t = cfg.train
+  path = cfg.data.train_path if split == 'train' else (cfg.data.eval_path or cfg.data.train_path)
+  src = simple.ByteTextFile(path, seed=t.seed)
+  rows = simple.process_rows(t.batch_size, process_index, process_count)
+  salt = 0 if split == 'train' else 1
+  return simple.StepIterator(lambda step: src.rows(step, rows, t.seq_len, salt))
+
+
+def make_iterator(cfg, split: str, process_index: int = 0, process_count: int = 1):
+  return SOURCES[cfg.data.source](cfg, split, process_index, process_count)
+
+
+def sequence_builder(cfg):
+  """The SequenceBuilder the run's data settings describe."""
+  from gemjax.data.sequence import SequenceBuilder
+  from gemjax.errors import ConfigError
+  from gemjax.tokenizers.audio import AudioTokenizer
+  from gemjax.tokenizers.image import ImageTokenizer
+  from gemjax.tokenizers.text import load_text_tokenizer
+  from gemjax.tokenizers.video import VideoTokenizer
+  d = cfg.data
+  text = load_text_tokenizer(d.tokenizer)
+  if text.layout.size > cfg.model.vocab_size:
+    raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} is smaller than the '
+                      f'vocabulary of data.tokenizer={d.tokenizer!r} ({text.layout.size})')
+  audio = AudioTokenizer(patch_frames=d.audio_patch_frames, patch_mels=d.audio_patch_mels)
+  image = ImageTokenizer(patch_size=d.image_patch_size, max_tokens=d.image_max_tokens)
+  video = VideoTokenizer(fps=d.video_fps, max_frames=d.video_max_frames, audio=audio,
+                         image=ImageTokenizer(patch_size=d.image_patch_size,
+                                              max_tokens=d.video_frame_tokens))
+  weights = {'text': d.loss_weight_text, 'image_code': d.loss_weight_image_code}
+  return SequenceBuilder(text, image=image, audio=audio, video=video, loss_weights=weights)
+
+
+def data_settings(cfg, split: str):
+  from gemjax.data import pipeline
+  d = cfg.data
+  specs = d.datasets if split == 'train' else (d.eval_datasets or d.datasets)
+  datasets = tuple(pipeline.DatasetSpec(path=s.path, weight=s.weight, kind=s.kind,
+                                        split=s.split, data_dir=s.data_dir or None)
+                   for s in specs)
+  budgets = {m: n for m, n in (('image', d.image_patches), ('audio', d.audio_patches),
+                               ('video', d.video_patches)) if n > 0}
+  return pipeline.DataSettings(datasets=datasets, patch_budgets=budgets,
+                               bad_records=d.bad_records, num_workers=d.num_workers)
+
+
+@register_source('grain')
+def _grain(cfg, split: str, process_index: int, process_count: int):
+  from gemjax.data import pipeline
+  builder = sequence_builder(cfg)
+  t = cfg.train
+  settings = data_settings(cfg, split)
+  if split == 'train':
+    return pipeline.make_train_iterator(settings, builder, seq_len=t.seq_len,
+                                        batch_size=t.batch_size // process_count,
+                                        process_index=process_index,
+                                        process_count=process_count, seed=t.seed)
+  return pipeline.make_eval_iterator(settings, builder, seq_len=t.seq_len,
+                                     batch_size=t.batch_size // process_count,
+                                     process_index=process_index, process_count=process_count)

@@ -1,0 +1,208 @@
+"""Evaluation: `python eval.py [CONFIG.yaml] [section.key=value ...]`.
+
+Loads the parameters of a checkpoint (`eval.checkpoint`, default the run
+directory) and reports loss and perplexity, overall and per modality, on the
+evaluation split; writes `eval.json` and `eval.md` under `eval.out_dir`.
+The config saved with the checkpoint rebuilds the model, so a bare
+`python eval.py eval.checkpoint=runs/nano` works; the command line may still
+override the mesh and the data (e.g. a different eval file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+from omegaconf import OmegaConf
+
+from gemjax import config as config_lib
+from gemjax.data import registry as data_registry
+from gemjax.data.batch import MODALITY_NAMES
+from gemjax.errors import GemjaxError
+from gemjax.parallel import sharding as shd
+from gemjax.train import checkpoint as ckpt_lib
+from gemjax.train import state as state_lib
+from gemjax.train.loop import build_mesh, maybe_initialize_distributed, setup_logging
+
+log = logging.getLogger('gemjax')
+
+
+def resolve_config(path: str | None, overrides: Sequence[str]) -> config_lib.Config:
+  """The checkpoint's own config, with the user's YAML/overrides on top."""
+  cfg = config_lib.load_config(path, overrides)
+  ckpt = cfg.eval.checkpoint or cfg.train.run_dir
+  saved = _known_only(ckpt_lib.load_config_dict(ckpt), config_lib.Config(), ckpt)
+  merged = OmegaConf.merge(OmegaConf.structured(config_lib.Config),
+                           OmegaConf.create(saved))
+  # The model must be the one that was trained; eval/data/mesh may change.
+  user = OmegaConf.structured(cfg)
+  for section in ('eval', 'mesh', 'data'):
+    if _touched(path, overrides, section):
+      merged[section] = user[section]
+  merged.eval.checkpoint = ckpt
+  out = OmegaConf.to_object(merged)
+  config_lib.validate(out)
+  return out
+
+
+def _known_only(saved: dict, template, where: str, prefix: str = '') -> dict:
+  """Drops keys an older gemjax saved that this version no longer has."""
+  import dataclasses
+  out = {}
+  for k, v in saved.items():
+    if not hasattr(template, k):
+      log.warning('%s: ignoring saved config key %s%s (unknown to this version)',
+                  where, prefix, k)
+      continue
+    sub = getattr(template, k)
+    out[k] = _known_only(v, sub, where, f'{prefix}{k}.') if dataclasses.is_dataclass(sub) \
+        and isinstance(v, dict) else v
+  return out
+
+
+def _touched(path, overrides, section) -> bool:
+  if any(o.startswith(section + '.') for o in overrides):
+    return True
+  if path:
+    raw = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    return section in raw
+  return False
+
+
+def load_for_eval(cfg: config_lib.Config):
+  """(params, mdef, mesh) of the checkpoint named by cfg.eval.checkpoint."""
+  mesh = build_mesh(cfg)
+  mdef = state_lib.model_def(cfg.model)
+  shards = state_lib.param_shardings(mdef, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          mdef.abstract_params, shards)
+  return ckpt_lib.load_params(cfg.eval.checkpoint, abstract), mdef, mesh
+
+
+def evaluate(cfg: config_lib.Config, params=None, mesh=None, mdef=None) -> dict:
+  """Loss/perplexity over `eval.batches` batches of the eval split."""
+  if params is None:
+    params, mdef, mesh = load_for_eval(cfg)
+  it = data_registry.make_iterator(cfg, 'eval', jax.process_index(), jax.process_count())
+  eval_fn = None
+  totals: dict[str, float] = {}
+  aux_sums: dict[str, np.ndarray] = {}
+  n_batches = 0
+  with shd.use_mesh(mesh):
+    for _ in range(cfg.eval.batches):
+      try:
+        batch = next(it)
+      except StopIteration:   # a finite eval split ended early
+        break
+      if eval_fn is None:
+        bshards = state_lib.batch_shardings(mesh, {k: v.ndim for k, v in batch.items()})
+        eval_fn = jax.jit(state_lib.make_eval_step(mdef, cfg.model))
+      m = jax.device_get(eval_fn(params, state_lib.to_global(batch, bshards)))
+      n_batches += 1
+      for k, v in m.items():
+        if k.startswith('aux/moe_load'):
+          aux_sums[k] = aux_sums.get(k, 0) + np.asarray(v)
+      w = float(m['weight_sum'])
+      totals['nll_sum'] = totals.get('nll_sum', 0.0) + float(m['nll']) * w
+      totals['correct_sum'] = totals.get('correct_sum', 0.0) + float(m['accuracy']) * w
+      totals['weight_sum'] = totals.get('weight_sum', 0.0) + w
+      for name in MODALITY_NAMES:
+        for k in ('nll_sum', 'correct_sum', 'weight_sum'):
+          key = f'{k}/{name}'
+          totals[key] = totals.get(key, 0.0) + float(m[key])
+  if not n_batches:
+    raise GemjaxError('the evaluation split produced no batches')
+  report = {'tokens': totals['weight_sum']}
+  nll = totals['nll_sum'] / max(totals['weight_sum'], 1e-9)
+  report.update(loss=nll, perplexity=math.exp(min(nll, 50)),
+                accuracy=totals['correct_sum'] / max(totals['weight_sum'], 1e-9))
+  for name in MODALITY_NAMES:
+    w = totals[f'weight_sum/{name}']
+    if w > 0:
+      l = totals[f'nll_sum/{name}'] / w
+      report[f'{name}/loss'] = l
+      report[f'{name}/perplexity'] = math.exp(min(l, 50))
+      report[f'{name}/accuracy'] = totals[f'correct_sum/{name}'] / w
+      report[f'{name}/tokens'] = w
+  if aux_sums:
+    report['_aux'] = {k: v / n_batches for k, v in aux_sums.items()}
+  return report
+
+
+def write_report(report: dict, out_dir: str, title: str) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  lines = [f'# {title}', '', '| metric | value |', '|---|---|']
+  lines += [f'| {k} | {v:.4f} |' if isinstance(v, float) else f'| {k} | {v} |'
+            for k, v in report.items()]
+  with open(os.path.join(out_dir, 'eval.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  setup_logging()
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] in ('-h', '--help'):
+    print(__doc__)
+    return 0
+  path = argv.pop(0) if argv and '=' not in argv[0] else None
+  try:
+    cfg = resolve_config(path, argv)
+    maybe_initialize_distributed(cfg.mesh)
+    params, mdef, mesh = load_for_eval(cfg)
+    report = evaluate(cfg, params, mesh, mdef)
+    aux = report.pop('_aux', {})
+    step_dir = ckpt_lib.resolve_step_dir(cfg.eval.checkpoint)
+    run_dir = str(step_dir.parent)
+    out_dir = cfg.eval.out_dir or os.path.join(run_dir, 'eval')
+    os.makedirs(out_dir, exist_ok=True)
+    tasks = {}
+    if cfg.data.source == 'grain':
+      from gemjax.eval import tasks as tasks_lib
+      specs = cfg.data.eval_datasets or cfg.data.datasets
+      tasks = tasks_lib.evaluate_tasks(cfg, params, mdef, mesh, specs,
+                                       batch_size=cfg.eval.task_batch_size,
+                                       max_records=cfg.eval.max_records)
+      report['tasks'] = tasks
+  except GemjaxError as e:
+    log.error('%s', e)
+    return 2
+  if jax.process_index() == 0:
+    write_report({k: v for k, v in report.items() if k != 'tasks'}, out_dir,
+                 f'Evaluation of {cfg.eval.checkpoint}')
+    with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+      json.dump(report, f, indent=2)
+    plots = []
+    from gemjax.eval import tasks as tasks_lib
+    curve = os.path.join(out_dir, 'loss_curves.png')
+    if tasks_lib.plot_loss_curves(tasks_lib.read_metrics(run_dir), curve):
+      plots.append(curve)
+    if aux:
+      from gemjax.eval import moe_plots
+      from gemjax.model import registry
+      load, layers = moe_plots.expert_load_from_metrics(
+          {k[len('aux/'):]: v for k, v in aux.items()},
+          period=len(registry.layer_plan(cfg.model)))
+      plots.append(moe_plots.plot_expert_load(load, os.path.join(out_dir, 'expert_load.png'),
+                                              layers=layers))
+    md = tasks_lib.write_task_report(out_dir, f'Evaluation of {step_dir}', report, tasks, plots)
+    if tasks:
+      print('task accuracy (exact match of the answer, test split):')
+      for task, r in tasks.items():
+        print(f"  {task:>14}: {r['exact_match']:6.1%}  ({r['records']} records, answer "
+              f"token accuracy {r['token_accuracy']:.1%}, loss {r['loss']:.3f})")
+    print(f"eval: loss {report['loss']:.4f}  perplexity {report['perplexity']:.2f}  "
+          f"accuracy {report['accuracy']:.3f}  ({int(report['tokens'])} tokens)")
+    for name in MODALITY_NAMES:
+      if f'{name}/loss' in report:
+        print(f"  {name:>10}: loss {report[f'{name}/loss']:.4f}  perplexity "
+              f"{report[f'{name}/perplexity']:.2f}  accuracy {report[f'{name}/accuracy']:.3f}")
+    print(f'report: {md}')
+  return 0

@@ -1,0 +1,185 @@
+"""Per-task accuracy on held-out records, and the Markdown + PNG report.
+
+Each evaluation record is built with the run's SequenceBuilder and put in its
+own row (no packing, so every row is one task instance). The answer is the
+span with loss weight > 0. Exact match under teacher forcing (every answer
+token is the argmax given the correct prefix) is the same as greedy decoding
+producing the answer exactly, so it is reported as the task accuracy; the
+loss and token accuracy of the answer are reported next to it.
+
+Imports the model/train rooms for the forward pass and matplotlib for plots.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemjax.data import records as records_lib
+from gemjax.data.batch import MODALITY_NAMES
+from gemjax.errors import BadInputError
+from gemjax.parallel import sharding as shd
+from gemjax.train import state as state_lib
+
+
+def iter_records(path: str, kind: str = 'auto') -> Iterable[tuple[str, dict]]:
+  """(where, record) for every record of a dataset, in order."""
+  from gemjax.data import sources
+  src = sources.open_source(kind, path)
+  for i in range(len(src)):
+    item = src[i]
+    where = item.get('where', f'{path}:{i}')
+    if 'error' in item:
+      yield where, None
+      continue
+    rec = item['record']
+    if isinstance(rec, (bytes, bytearray, memoryview)):
+      rec = records_lib.decode_record(bytes(rec), where)
+    yield where, rec
+
+
+def _answer_stats(logits_BxTxV, batch):
+  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  w = batch['loss_weights'] > 0
+  nll = -jnp.take_along_axis(logp, batch['targets'][..., None], axis=-1)[..., 0]
+  correct = jnp.argmax(logits_BxTxV, axis=-1) == batch['targets']
+  n = w.sum(axis=1)
+  return {
+      'nll_sum': jnp.where(w, nll, 0.0).sum(axis=1),
+      'correct_sum': jnp.where(w, correct, False).sum(axis=1),
+      'answer_tokens': n,
+      'exact': jnp.all(correct | ~w, axis=1) & (n > 0),
+  }
+
+
+def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
+                   batch_size: int = 16, max_records: int = 0) -> dict[str, dict]:
+  """Per-task {records, exact_match, token_accuracy, loss, bad}."""
+  from gemjax.data.registry import sequence_builder
+  builder = sequence_builder(cfg)
+  budgets = {m: n for m, n in (('image', cfg.data.image_patches),
+                               ('audio', cfg.data.audio_patches),
+                               ('video', cfg.data.video_patches)) if n > 0}
+  T = cfg.train.seq_len
+
+  def forward(p, b):
+    logits, _ = nnx.merge(mdef.graphdef, p)(b)
+    return _answer_stats(logits, b)
+
+  fwd = jax.jit(forward)
+  acc: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  pending: list[tuple[str, dict]] = []
+
+  def flush():
+    if not pending:
+      return
+    examples = [ex for _, ex in pending]
+    while len(examples) < batch_size:     # static shapes: pad with a copy, ignored
+      examples.append(examples[0])
+    batch = builder.collate(examples, T, budgets, truncate=True)
+    with shd.use_mesh(mesh):
+      stats = jax.device_get(fwd(params, batch))
+    for i, (task, _) in enumerate(pending):
+      c = acc[task]
+      c['records'] += 1
+      c['exact'] += int(stats['exact'][i])
+      c['correct'] += int(stats['correct_sum'][i])
+      c['answer_tokens'] += int(stats['answer_tokens'][i])
+      c['nll'] += float(stats['nll_sum'][i])
+    pending.clear()
+
+  for spec in datasets:
+    count = 0
+    for where, rec in iter_records(spec.path, spec.kind):
+      if max_records and count >= max_records:
+        break
+      count += 1
+      task = (rec or {}).get('task') or os.path.basename(spec.path).split('-')[0]
+      try:
+        if rec is None:
+          raise BadInputError('record', where, 'unreadable record')
+        ex = builder.build(rec, source=where)
+      except BadInputError:
+        acc[task]['bad'] += 1
+        continue
+      pending.append((task, ex))
+      if len(pending) == batch_size:
+        flush()
+  flush()
+  out = {}
+  for task, c in sorted(acc.items()):
+    n, toks = max(c['records'], 1), max(c['answer_tokens'], 1)
+    out[task] = {'records': c['records'], 'bad': c['bad'],
+                 'exact_match': c['exact'] / n, 'token_accuracy': c['correct'] / toks,
+                 'loss': c['nll'] / toks}
+  return out
+
+
+# ------------------------------------------------------------------- report
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+  path = os.path.join(run_dir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curves(rows: list[dict], out_png: str) -> bool:
+  """Training loss overall and per predicted modality, one PNG."""
+  rows = [r for r in rows if r.get('split') == 'train']
+  if not rows:
+    return False
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+  steps = [r['step'] for r in rows]
+  ax.plot(steps, [r['loss'] for r in rows], label='total', color='black')
+  for name in MODALITY_NAMES:
+    key = f'loss/{name}'
+    pts = [(r['step'], r[key]) for r in rows if isinstance(r.get(key), float)]
+    if pts:
+      ax.plot(*zip(*pts), label=name)
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (nats / token)')
+  ax.set_yscale('log')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out_png)
+  plt.close(fig)
+  return True
+
+
+def write_task_report(out_dir: str, title: str, overall: Mapping[str, Any],
+                      tasks: Mapping[str, Mapping[str, Any]], plots: list[str]) -> str:
+  lines = [f'# {title}', '', '## Tasks (test split, one record per row)', '',
+           '| task | records | exact match | answer token accuracy | answer loss | bad records |',
+           '|---|---|---|---|---|---|']
+  for task, r in tasks.items():
+    lines.append(f"| {task} | {r['records']} | {r['exact_match']:.1%} | "
+                 f"{r['token_accuracy']:.1%} | {r['loss']:.3f} | {r['bad']} |")
+  lines += ['', '## Loss by predicted modality (packed evaluation batches)', '',
+            '| modality | loss | perplexity | accuracy | tokens |', '|---|---|---|---|---|']
+  for name in MODALITY_NAMES:
+    if f'{name}/loss' in overall:
+      lines.append(f"| {name} | {overall[f'{name}/loss']:.4f} | "
+                   f"{overall[f'{name}/perplexity']:.2f} | {overall[f'{name}/accuracy']:.1%} | "
+                   f"{int(overall[f'{name}/tokens'])} |")
+  lines.append(f"| all | {overall['loss']:.4f} | {overall['perplexity']:.2f} | "
+               f"{overall['accuracy']:.1%} | {int(overall['tokens'])} |")
+  for p in plots:
+    lines += ['', f'![{os.path.basename(p)}]({os.path.basename(p)})']
+  path = os.path.join(out_dir, 'report.md')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return path

@@ -1,0 +1,525 @@
+"""Memory-efficient attention: online softmax over query and key chunks.
+
+The 'blockwise' kernel computes exactly what `attention.dense_attention`
+computes (same mask rule, GQA, float32 softmax statistics) without ever
+materialising the [T, S] score matrix: queries are cut into chunks of
+`block_q`, keys/values into chunks of `block_k`, and each query chunk folds
+the key chunks in one at a time with the online softmax of Milakov &
+Gimelshein 2018, as in Rabe & Staats 2021 ("Self-attention does not need
+O(n^2) memory") and FlashAttention (Dao et al. 2022).
+
+The backward pass is a `jax.custom_vjp` that saves only the output and the
+row logsumexp and recomputes the probabilities chunk by chunk
+(FlashAttention-2, Dao 2023, alg. 2): autodiff through the scans would store
+every chunk's probabilities, i.e. the O(T * S) memory this kernel exists to
+avoid. A (query chunk, key chunk) pair whose mask is all False is skipped
+with `lax.cond`, so causal and sliding-window attention cost about half /
+T * window of the dense work.
+
+The chunk-level functions (`fwd_chunks`, `bwd_chunks`) work on "chunk-major"
+arrays and are shared with ring attention (`gemjax.parallel.ring_attention`),
+which calls them once per ring step on the visiting key/value shard.
+
+Platform kernels (`cudnn` on GPU, Pallas `splash` on TPU) live here too: each
+one checks at trace time whether the backend, dtype and shapes fit and at run
+time whether the batch's mask is expressible (one document per row, no
+bidirectional blocks, identity layout) and otherwise runs 'blockwise'.
+
+Imports jax, `gemjax.model.attention` / `layers` / `registry`; the ring kernel
+is registered by importing `gemjax.parallel.ring_attention` at the bottom.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gemjax.model import registry
+from gemjax.model.attention import ATTENTION_KERNELS, NEG_INF, register_kernel, visible_mask
+from gemjax.model.layers import SequenceInfo
+
+DEFAULT_BLOCK = 512
+# Padding ids for rows/columns added to reach a multiple of the chunk size:
+# they differ from each other and from every real segment id (>= 0), so a
+# padded query sees nothing and a padded key is seen by nobody.
+_PAD_Q_SEGMENT, _PAD_KV_SEGMENT = -1, -2
+
+
+class MaskMeta(NamedTuple):
+  """The per-token arrays the mask reads, chunk-major: each [n, B, b]."""
+  segment_ids: jax.Array
+  block_ids: jax.Array
+  index: jax.Array
+
+
+class Stats(NamedTuple):
+  """Online-softmax state of every query row, chunk-major.
+
+  acc: [nq, B, G, R, bq, K] float32, the unnormalised output sum(p v);
+  m, l: [nq, B, G, R, bq] float32, the running max and sum(exp(s - m)).
+  """
+  acc: jax.Array
+  m: jax.Array
+  l: jax.Array
+
+
+# ------------------------------------------------------------- chunk layout
+
+
+def num_chunks(n: int, block: int) -> tuple[int, int]:
+  """(number of chunks, chunk size): the chunk is `block`, or n if smaller."""
+  b = max(1, min(block, n))
+  return -(-n // b), b
+
+
+def _pad_axis(x: jax.Array, axis: int, total: int, value) -> jax.Array:
+  extra = total - x.shape[axis]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def q_to_chunks(q_BxTxHxK: jax.Array, num_kv_heads: int, block: int) -> jax.Array:
+  """[B, T, H, K] -> [nq, B, G, R, bq, K] (zero padded to nq * bq rows)."""
+  B, T, H, K = q_BxTxHxK.shape
+  G = num_kv_heads
+  n, b = num_chunks(T, block)
+  q = _pad_axis(q_BxTxHxK, 1, n * b, 0)
+  q = q.reshape(B, n, b, G, H // G, K)
+  return q.transpose(1, 0, 3, 4, 2, 5)
+
+
+def q_from_chunks(o_NxBxGxRxbxK: jax.Array, T: int) -> jax.Array:
+  """Inverse of `q_to_chunks`, dropping padded rows: -> [B, T, H, K]."""
+  n, B, G, R, b, K = o_NxBxGxRxbxK.shape
+  o = o_NxBxGxRxbxK.transpose(1, 0, 4, 2, 3, 5).reshape(B, n * b, G * R, K)
+  return o[:, :T]
+
+
+def kv_to_chunks(k_BxSxGxK: jax.Array, block: int) -> jax.Array:
+  """[B, S, G, K] -> [nk, B, G, bk, K] (zero padded to nk * bk rows)."""
+  B, S, G, K = k_BxSxGxK.shape
+  n, b = num_chunks(S, block)
+  k = _pad_axis(k_BxSxGxK, 1, n * b, 0)
+  return k.reshape(B, n, b, G, K).transpose(1, 0, 3, 2, 4)
+
+
+def meta_to_chunks(segment_ids_BxT, block_ids_BxT, index_BxT, block: int, *,
+                   pad_segment: int) -> MaskMeta:
+  """Mask inputs [B, T] -> chunk-major [n, B, b]; padding gets `pad_segment`."""
+  T = segment_ids_BxT.shape[1]
+  n, b = num_chunks(T, block)
+
+  def chunk(x, value):
+    x = _pad_axis(x.astype(jnp.int32), 1, n * b, value)
+    return x.reshape(x.shape[0], n, b).transpose(1, 0, 2)
+
+  return MaskMeta(chunk(segment_ids_BxT, pad_segment), chunk(block_ids_BxT, 0),
+                  chunk(index_BxT, 0))
+
+
+def zeros_varying(shape, dtype, like: jax.Array) -> jax.Array:
+  """Zeros that vary over the same mesh axes as `like` (a no-op outside shard_map).
+
+  `jax.shard_map` types every value with the mesh axes it varies over; a scan
+  carry made with `jnp.zeros` inside the map is device-invariant and must be
+  cast before it meets per-device values.
+  """
+  z = jnp.zeros(shape, dtype)
+  vma = tuple(sorted(varying_axes(like)))
+  return jax.lax.pcast(z, vma, to='varying') if vma else z
+
+
+def varying_axes(x: jax.Array) -> frozenset:
+  """The mesh axes `x` varies over inside shard_map (empty outside)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, 'mat', None)          # jax 0.10: aval.mat.varying
+  if mat is not None and hasattr(mat, 'varying'):
+    return frozenset(mat.varying)
+  return frozenset(getattr(aval, 'vma', ()) or ())   # older/newer spelling
+
+
+def init_stats(q_chunks: jax.Array) -> Stats:
+  shape = q_chunks.shape
+  return Stats(zeros_varying(shape, jnp.float32, q_chunks),
+               zeros_varying(shape[:-1], jnp.float32, q_chunks) + NEG_INF,
+               zeros_varying(shape[:-1], jnp.float32, q_chunks))
+
+
+def finalize(stats: Stats, dtype) -> tuple[jax.Array, jax.Array]:
+  """(out, logsumexp). Rows that saw nothing (only padding rows) give 0."""
+  seen = stats.l > 0
+  l = jnp.where(seen, stats.l, 1.0)
+  out = (stats.acc / l[..., None]).astype(dtype)
+  lse = jnp.where(seen, stats.m + jnp.log(l), 0.0)
+  return out, lse
+
+
+def maybe_visible(q_meta: MaskMeta, kv_meta: MaskMeta, *, causal: bool,
+                  window: int) -> jax.Array:
+  """A cheap, conservative test: False only if no (query, key) pair is visible.
+
+  Works on per-row ranges (min/max over all chunks), O(T + S) instead of the
+  O(T * S) exact mask: ring attention asks it once per ring step.
+  """
+  def rng(x):
+    return x.min(axis=(0, 2)), x.max(axis=(0, 2))
+
+  q_seg_lo, q_seg_hi = rng(q_meta.segment_ids)
+  kv_seg_lo, kv_seg_hi = rng(kv_meta.segment_ids)
+  ok = jnp.maximum(q_seg_lo, kv_seg_lo) <= jnp.minimum(q_seg_hi, kv_seg_hi)
+  # A shared bidirectional block overrides causality and the window.
+  blocks = (q_meta.block_ids.max(axis=(0, 2)) > 0) & (kv_meta.block_ids.max(axis=(0, 2)) > 0)
+  q_lo, q_hi = rng(q_meta.index)
+  kv_lo, kv_hi = rng(kv_meta.index)
+  if causal:
+    ok = ok & ((kv_lo <= q_hi) | blocks)
+  if window:
+    ok = ok & ((q_lo - kv_hi < window) | blocks)
+  return jnp.any(ok)
+
+
+def _chunk_mask(qm, kvm, *, causal, window):
+  """Exact [B, bq, bk] mask of one (query chunk, key chunk) pair."""
+  return visible_mask(qm[0], kvm[0], qm[1], kvm[1], qm[2], kvm[2],
+                      causal=causal, window=window)
+
+
+def _tie(q_c, q_meta, kv_meta):
+  """Makes the mask inputs look as data-dependent as q to JAX's partial eval.
+
+  Inside a scan over layers the mask arrays are loop-invariant constants, and
+  scan's partial evaluation hoists everything that depends only on constants
+  out of the loop, *stacking* it over the chunk loops: every chunk's mask and
+  masked-score fill, O(T * S) memory, exactly what this kernel avoids. An
+  optimization barrier over (q, masks) makes the masks depend on the carry,
+  so they are recomputed per chunk instead.
+  """
+  return jax.lax.optimization_barrier((q_c, q_meta, kv_meta))
+
+
+# ---------------------------------------------------------------- forward
+
+
+def fwd_chunks(q_c, q_meta: MaskMeta, k_c, v_c, kv_meta: MaskMeta, stats: Stats, *,
+               causal: bool, window: int, scale: float) -> Stats:
+  """Folds every key/value chunk into the online softmax of every query chunk.
+
+  q_c [nq, B, G, R, bq, K]; k_c, v_c [nk, B, G, bk, K]; metas chunk-major.
+  """
+  q_c, q_meta, kv_meta = _tie(q_c, q_meta, kv_meta)
+
+  def per_q_chunk(_, xs):
+    q, qm, acc, m, l = xs
+
+    def per_kv_chunk(carry, ys):
+      k, v, kvm = ys
+      mask_BxQxS = _chunk_mask(qm, kvm, causal=causal, window=window)
+
+      def compute(carry):
+        acc, m, l = carry
+        s = jnp.einsum('bgrqk,bgsk->bgrqs', q, k,
+                       preferred_element_type=jnp.float32) * scale
+        mask = mask_BxQxS[:, None, None]
+        s = jnp.where(mask, s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        # The explicit where: a row fully masked so far has m_new = NEG_INF and
+        # exp(s - m_new) = 1 on its masked entries.
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        l_new = l * corr + p.sum(axis=-1)
+        pv = jnp.einsum('bgrqs,bgsk->bgrqk', p.astype(v.dtype), v,
+                        preferred_element_type=jnp.float32)
+        return acc * corr[..., None] + pv, m_new, l_new
+
+      return jax.lax.cond(jnp.any(mask_BxQxS), compute, lambda c: c, carry), None
+
+    (acc, m, l), _ = jax.lax.scan(per_kv_chunk, (acc, m, l), (k_c, v_c, kv_meta))
+    return None, (acc, m, l)
+
+  _, (acc, m, l) = jax.lax.scan(per_q_chunk, None, (q_c, q_meta, *stats))
+  return Stats(acc, m, l)
+
+
+# --------------------------------------------------------------- backward
+
+
+def bwd_chunks(q_c, q_meta: MaskMeta, k_c, v_c, kv_meta: MaskMeta, do_c, lse_c,
+               delta_c, dq_c, *, causal: bool, window: int, scale: float):
+  """Gradient contributions of one key/value set (FlashAttention-2 backward).
+
+  Recomputes p = exp(s - lse) chunk by chunk. Returns (dq_c + its share,
+  dk_c, dv_c), all float32; dq_c [nq, ...] is the running query gradient.
+  """
+  q_c, q_meta, kv_meta = _tie(q_c, q_meta, kv_meta)
+
+  def per_kv_chunk(dq_all, xs):
+    k, v, kvm = xs
+
+    def per_q_chunk(carry, ys):
+      q, qm, do, lse, delta, dq = ys
+      mask_BxQxS = _chunk_mask(qm, kvm, causal=causal, window=window)
+
+      def compute(args):
+        dk, dv, dq = args
+        s = jnp.einsum('bgrqk,bgsk->bgrqs', q, k,
+                       preferred_element_type=jnp.float32) * scale
+        p = jnp.where(mask_BxQxS[:, None, None], jnp.exp(s - lse[..., None]), 0.0)
+        dv = dv + jnp.einsum('bgrqs,bgrqk->bgsk', p.astype(do.dtype), do,
+                             preferred_element_type=jnp.float32)
+        dp = jnp.einsum('bgrqk,bgsk->bgrqs', do, v, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta[..., None])).astype(q.dtype)
+        dq = dq + scale * jnp.einsum('bgrqs,bgsk->bgrqk', ds, k,
+                                     preferred_element_type=jnp.float32)
+        dk = dk + scale * jnp.einsum('bgrqs,bgrqk->bgsk', ds, q,
+                                     preferred_element_type=jnp.float32)
+        return dk, dv, dq
+
+      dk, dv, dq = jax.lax.cond(jnp.any(mask_BxQxS), compute, lambda a: a, (*carry, dq))
+      return (dk, dv), dq
+
+    dk0 = zeros_varying(k.shape, jnp.float32, k)
+    dv0 = zeros_varying(v.shape, jnp.float32, v)
+    (dk, dv), dq_all = jax.lax.scan(
+        per_q_chunk, (dk0, dv0), (q_c, q_meta, do_c, lse_c, delta_c, dq_all))
+    return dq_all, (dk, dv)
+
+  dq_c, (dk_c, dv_c) = jax.lax.scan(per_kv_chunk, dq_c, (k_c, v_c, kv_meta))
+  return dq_c, dk_c, dv_c
+
+
+def out_delta(o_c: jax.Array, do_c: jax.Array) -> jax.Array:
+  """rowsum(dO * O), the softmax-Jacobian term of the backward (FA-2 eq. 4)."""
+  return jnp.sum(do_c.astype(jnp.float32) * o_c.astype(jnp.float32), axis=-1)
+
+
+# ------------------------------------------------------------ one device
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _blockwise_core(q_c, k_c, v_c, q_meta, kv_meta, causal, window, scale):
+  out, _ = _blockwise_fwd(q_c, k_c, v_c, q_meta, kv_meta, causal, window, scale)
+  return out
+
+
+def _blockwise_fwd(q_c, k_c, v_c, q_meta, kv_meta, causal, window, scale):
+  stats = fwd_chunks(q_c, q_meta, k_c, v_c, kv_meta, init_stats(q_c),
+                     causal=causal, window=window, scale=scale)
+  out, lse = finalize(stats, q_c.dtype)
+  return out, (q_c, k_c, v_c, q_meta, kv_meta, out, lse)
+
+
+def _blockwise_bwd(causal, window, scale, res, do_c):
+  q_c, k_c, v_c, q_meta, kv_meta, out, lse = res
+  dq0 = zeros_varying(q_c.shape, jnp.float32, q_c)
+  dq, dk, dv = bwd_chunks(q_c, q_meta, k_c, v_c, kv_meta, do_c, lse,
+                          out_delta(out, do_c), dq0,
+                          causal=causal, window=window, scale=scale)
+  return (dq.astype(q_c.dtype), dk.astype(k_c.dtype), dv.astype(v_c.dtype), None, None)
+
+
+_blockwise_core.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def blockwise_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+                        info: SequenceInfo, *, causal: bool = True, window: int = 0,
+                        block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK,
+                        kv_info: SequenceInfo | None = None) -> jax.Array:
+  """Dense attention's result in O(T * block) memory, on the local device.
+
+  Self-attention uses `info` for both sides; `kv_info` (optional) gives the
+  keys' own mask arrays. T and S need not be multiples of the blocks (padded).
+  """
+  B, T, H, K = q_BxTxHxK.shape
+  S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+  kv_info = info if kv_info is None else kv_info
+  q_c = q_to_chunks(q_BxTxHxK, G, block_q)
+  k_c, v_c = kv_to_chunks(k_BxSxGxK, block_k), kv_to_chunks(v_BxSxGxK, block_k)
+  q_meta = meta_to_chunks(info.segment_ids_BxT, info.block_ids_BxT, info.index_BxT,
+                          block_q, pad_segment=_PAD_Q_SEGMENT)
+  kv_meta = meta_to_chunks(kv_info.segment_ids_BxT, kv_info.block_ids_BxT,
+                           kv_info.index_BxT, block_k, pad_segment=_PAD_KV_SEGMENT)
+  o_c = _blockwise_core(q_c, k_c, v_c, q_meta, kv_meta, causal, window, K ** -0.5)
+  return q_from_chunks(o_c, T)
+
+
+@register_kernel('blockwise')
+def blockwise_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info: SequenceInfo, *,
+                     causal: bool = True, window: int = 0,
+                     block: int = DEFAULT_BLOCK) -> jax.Array:
+  """The registered kernel: `blockwise_attention`, sharded over batch and heads.
+
+  Under a multi-device mesh the chunk loop runs inside `jax.shard_map`, so
+  that each device tests and skips its own chunks; a sequence split over
+  'context' is handled by the ring kernel (here it would be all-gathered).
+  """
+  from gemjax.parallel import ring_attention  # late: parallel imports this module
+  return ring_attention.ring_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info,
+                                       causal=causal, window=window, block=block,
+                                       use_ring=False)
+
+
+# ------------------------------------------------------- platform kernels
+
+
+def _identity_layout_one_document(info: SequenceInfo) -> jax.Array:
+  """Run-time test that the mask is plain causal/window over one document.
+
+  True when every row is a single segment (no padding, no packing), has no
+  bidirectional block and is in its original order: what cuDNN's and
+  splash's built-in causal/local masks express.
+  """
+  seg = info.segment_ids_BxT
+  T = seg.shape[1]
+  one_doc = jnp.all(seg == seg[:, :1])
+  no_blocks = jnp.all(info.block_ids_BxT == 0)
+  in_order = jnp.all(info.index_BxT == jnp.arange(T, dtype=info.index_BxT.dtype))
+  return one_doc & no_blocks & in_order
+
+
+def _cudnn_static_ok(q, k, causal: bool, window: int) -> bool:
+  if jax.default_backend() != 'gpu':
+    return False
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
+    return False
+  K = q.shape[-1]
+  if K % 8 or K > 256:
+    return False
+  # cuDNN has only a left window, and only together with the causal mask.
+  return causal or not window
+
+
+@register_kernel('cudnn')
+def cudnn_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info: SequenceInfo, *,
+                 causal: bool = True, window: int = 0,
+                 block: int = DEFAULT_BLOCK) -> jax.Array:
+  """cuDNN fused attention (`jax.nn.dot_product_attention`) where it fits.
+
+  Static fallback (off GPU, f32, odd head dims) and run-time fallback (packed
+  rows, blocks, permuted layouts: `lax.cond`) both go to 'blockwise'.
+  """
+  fallback = functools.partial(blockwise_kernel, causal=causal, window=window, block=block)
+  if not _cudnn_static_ok(q_BxTxHxK, k_BxSxGxK, causal, window):
+    return fallback(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info)
+
+  def fused(q, k, v):
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation='cudnn',
+        local_window_size=(window - 1, 0) if window else None)
+
+  return jax.lax.cond(_identity_layout_one_document(info),
+                      lambda q, k, v: fused(q, k, v),
+                      lambda q, k, v: fallback(q, k, v, info),
+                      q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
+
+
+def _splash_static_ok(q, k, causal: bool, window: int, interpret: bool) -> bool:
+  T, S = q.shape[1], k.shape[1]
+  if T != S or T % 128:
+    return False
+  if interpret:
+    return True
+  return jax.default_backend() == 'tpu' and q.shape[-1] % 128 == 0
+
+
+def splash_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info: SequenceInfo, *,
+                     causal: bool, window: int, interpret: bool = False) -> jax.Array:
+  """Pallas splash attention (TPU) with segment ids and a causal/local mask.
+
+  GQA runs splash's multi-query kernel once per KV head (vmap over groups and
+  batch). `interpret=True` runs the Pallas kernel in the interpreter (any
+  backend; slow, for tests).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  B, T, H, K = q_BxTxHxK.shape
+  G = k_BxSxGxK.shape[2]
+  R = H // G
+  if causal:
+    mask = sm.LocalMask((T, T), (window - 1, 0), 0) if window else sm.CausalMask((T, T))
+  else:
+    mask = sm.LocalMask((T, T), (window - 1, None), 0) if window else sm.FullMask((T, T))
+  blocks = sk.BlockSizes.get_default()
+  blocks = sk.BlockSizes(**{f: min(getattr(blocks, f), T)
+                            for f in ('block_q', 'block_kv', 'block_kv_compute',
+                                      'block_q_dkv', 'block_kv_dkv', 'block_kv_dkv_compute',
+                                      'block_q_dq', 'block_kv_dq')})
+  kernel = sk.make_splash_mqa(sm.MultiHeadMask([mask] * R), block_sizes=blocks,
+                              head_shards=1, q_seq_shards=1, interpret=interpret)
+  scale = K ** -0.5
+  q_BxGxRxTxK = (q_BxTxHxK * scale).reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4)
+  k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
+  v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
+  seg = info.segment_ids_BxT
+
+  def one(q_RxTxK, k_SxK, v_SxK, seg_T):
+    return kernel(q_RxTxK, k_SxK, v_SxK, segment_ids=sk.SegmentIds(seg_T, seg_T))
+
+  per_group = jax.vmap(one, in_axes=(0, 0, 0, None))
+  o = jax.vmap(per_group)(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, seg)
+  return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H, K)
+
+
+def _splash_mask_ok(info: SequenceInfo) -> jax.Array:
+  """Splash expresses packed segments; it cannot express blocks or layouts."""
+  T = info.index_BxT.shape[1]
+  return (jnp.all(info.block_ids_BxT == 0) &
+          jnp.all(info.index_BxT == jnp.arange(T, dtype=info.index_BxT.dtype)))
+
+
+@register_kernel('splash')
+def splash_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info: SequenceInfo, *,
+                  causal: bool = True, window: int = 0, block: int = DEFAULT_BLOCK,
+                  interpret: bool = False) -> jax.Array:
+  """Splash attention on TPU where it fits, else 'blockwise' (static or lax.cond).
+
+  Under a multi-device mesh the Pallas call is not partitioned by GSPMD, so
+  this kernel falls back to 'blockwise' there (which shards itself); a
+  shard_map wrapper is future work.
+  """
+  fallback = functools.partial(blockwise_kernel, causal=causal, window=window, block=block)
+  from gemjax.parallel.sharding import current_mesh
+  mesh = current_mesh()
+  single = mesh is None or mesh.size == 1
+  if not (single and _splash_static_ok(q_BxTxHxK, k_BxSxGxK, causal, window, interpret)):
+    return fallback(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info)
+  fused = functools.partial(splash_attention, causal=causal, window=window,
+                            interpret=interpret)
+  return jax.lax.cond(_splash_mask_ok(info),
+                      lambda q, k, v: fused(q, k, v, info),
+                      lambda q, k, v: fallback(q, k, v, info),
+                      q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
+
+
+# ------------------------------------------------------------ registration
+
+
+def sized_kernel(name: str, block: int) -> str:
+  """Registers `name` with chunk size `block` as kernel 'name@block'.
+
+  `Attention` calls kernels with the mask arguments only; the chunk size is
+  a model setting (`model.attention_block`), so each size gets its own entry.
+  """
+  sized = f'{name}@{block}'
+  if sized not in ATTENTION_KERNELS:
+    ATTENTION_KERNELS[sized] = functools.partial(ATTENTION_KERNELS[name], block=block)
+  return sized
+
+
+def _chunked_attention(kernel: str) -> registry.Builder:
+  def build(cfg, spec: registry.LayerSpec, *, rngs):
+    return registry._standard_attention(sized_kernel(kernel, cfg.attention_block))(
+        cfg, spec, rngs=rngs)
+  return build
+
+
+# Registers the 'ring' kernel (the ring module imports this one's chunk code).
+from gemjax.parallel import ring_attention as _ring  # noqa: E402,F401
+
+for _name in ('blockwise', 'ring', 'cudnn', 'splash'):
+  registry.ATTENTION[_name] = _chunked_attention(_name)

@@ -1,0 +1,35 @@
+"""The dense feed-forward sublayer: SwiGLU (Shazeer 2020).
+
+Every feed-forward sublayer (this one, MoE) returns `(y_BxTxD, aux)` where
+`aux` is a dict of scalars/arrays: keys ending in `_loss` are added to the
+training loss (already weighted), the rest are logged as metrics.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemjax.model.layers import SequenceInfo, fan_in_std, param
+from gemjax.parallel.sharding import constrain
+
+
+class SwiGLU(nnx.Module):
+
+  def __init__(self, d_model: int, mlp_dim: int, *, compute_dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.compute_dtype = compute_dtype
+    std_in, std_out = fan_in_std(d_model), fan_in_std(mlp_dim)
+    self.w_gate_DxF = param(rngs, (d_model, mlp_dim), ('embed', 'mlp'), std=std_in, dtype=param_dtype)
+    self.w_up_DxF = param(rngs, (d_model, mlp_dim), ('embed', 'mlp'), std=std_in, dtype=param_dtype)
+    self.w_down_FxD = param(rngs, (mlp_dim, d_model), ('mlp', 'embed'), std=std_out, dtype=param_dtype)
+
+  def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo | None = None):
+    cd = self.compute_dtype
+    x = x_BxTxD.astype(cd)
+    gate_BxTxF = jnp.einsum('btd,df->btf', x, self.w_gate_DxF[...].astype(cd))
+    up_BxTxF = jnp.einsum('btd,df->btf', x, self.w_up_DxF[...].astype(cd))
+    h_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ('batch', 'length', 'act_mlp'))
+    y = jnp.einsum('btf,fd->btd', h_BxTxF, self.w_down_FxD[...].astype(cd))
+    return constrain(y, ('batch', 'length', 'act_embed')), {}

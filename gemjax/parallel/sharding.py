@@ -1,0 +1,134 @@
+"""The mesh and the one table from logical axis names to mesh axes.
+
+Layers name the axes of their parameters and activations with *logical* names
+('embed', 'heads', 'mlp', 'batch', ...). Only this module knows the mesh axes
+(`data, fsdp, expert, context, tensor`). Swapping a parallelism strategy is
+swapping `LOGICAL_AXIS_RULES`.
+
+`constrain(x, names)` is the activation hook the model calls: a sharding
+constraint under a mesh, a no-op outside one (unit tests of single layers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'expert', 'context', 'tensor')
+BATCH_AXES = ('data', 'fsdp', 'expert')
+
+# logical name -> mesh axis, tuple of mesh axes, or None (replicated).
+# Parameters: 'embed' (model width) is split over fsdp (ZeRO-3 style); heads,
+# MLP hidden and vocabulary over tensor; experts over expert; the stacked
+# layer axis is never split.
+# Activations: the batch over every data-like axis, the sequence over context,
+# widths replicated ('act_*') unless tensor parallelism splits heads/mlp.
+LOGICAL_AXIS_RULES: dict[str, Any] = {
+    # parameters
+    'layers': None,
+    'vocab': 'tensor',
+    'embed': 'fsdp',
+    'heads': 'tensor',
+    'kv_heads': 'tensor',
+    'head_dim': None,
+    'mlp': 'tensor',
+    'experts': 'expert',
+    'expert_embed': 'fsdp',
+    'norm': None,
+    'patch': None,
+    # activations
+    'batch': BATCH_AXES,
+    'length': 'context',
+    'act_embed': None,
+    'act_heads': 'tensor',
+    'act_kv_heads': 'tensor',
+    'act_mlp': 'tensor',
+    'act_vocab': 'tensor',
+    'act_experts': 'expert',
+}
+
+
+def logical_to_spec(names: Sequence[str | None], mesh: Any = None,
+                    rules: dict[str, Any] | None = None) -> P:
+  """Maps logical names to a PartitionSpec, dropping mesh axes of size 1.
+
+  A mesh axis is used at most once per spec (the first dimension wins), and an
+  axis the mesh lacks is dropped, so the same names work on any mesh shape.
+  """
+  rules = LOGICAL_AXIS_RULES if rules is None else rules
+  axis_sizes = dict(mesh.shape) if mesh is not None else None
+  used: set[str] = set()
+  out = []
+  for name in names:
+    if name is None:
+      out.append(None)
+      continue
+    if name not in rules:
+      raise KeyError(f'logical axis {name!r} has no rule in LOGICAL_AXIS_RULES')
+    target = rules[name]
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    keep = []
+    for a in axes:
+      if a in used:
+        continue
+      if axis_sizes is not None and axis_sizes.get(a, 1) == 1:
+        continue
+      keep.append(a)
+      used.add(a)
+    out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+  return P(*out)
+
+
+def make_mesh(axis_sizes: dict[str, int], devices: Sequence[Any] | None = None,
+              dcn_data: int = 1) -> jax.sharding.Mesh:
+  """A mesh with the five gemjax axes, in Auto (propagating) mode.
+
+  With `dcn_data > 1` (several slices joined over the data-center network) the
+  data axis spans slices: the device order puts slice boundaries on `data`.
+  """
+  shape = tuple(axis_sizes[a] for a in MESH_AXES)
+  if dcn_data > 1:
+    shape = (shape[0] * dcn_data,) + shape[1:]
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if devices is None:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+  devices = np.asarray(devices).reshape(shape)
+  return jax.sharding.Mesh(devices, MESH_AXES, axis_types=auto)
+
+
+def single_device_mesh() -> jax.sharding.Mesh:
+  return make_mesh({a: 1 for a in MESH_AXES}, devices=jax.devices()[:1])
+
+
+def current_mesh() -> Any:
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint from logical names under the current mesh; else no-op."""
+  mesh = current_mesh()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh))
+
+
+def named_sharding(mesh: jax.sharding.Mesh, names: Sequence[str | None]) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(names, mesh))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: jax.sharding.Mesh):
+  """Makes `mesh` the ambient mesh for `constrain` and shard_map helpers."""
+  with jax.set_mesh(mesh):
+    yield mesh
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
+  """Batch arrays: leading dim over the data-like axes, sequence over context."""
+  names = ['batch', 'length'] + [None] * (ndim - 2)
+  return named_sharding(mesh, names[:ndim])

@@ -1,0 +1,5 @@
+import sys
+
+from gemjax.train.loop import main
+
+sys.exit(main())

@@ -1,0 +1,242 @@
+"""The training loop: `python train.py configs/nano.yaml key=value ...`.
+
+Start-up: config + validation -> (multi-host init) -> mesh -> model/optimizer
+-> data iterator -> resume from the run directory, or `init_from` for
+fine-tuning, or a fresh init. Then: steps with a progress bar, metrics every
+`log_every` steps (loss, grad norm, LR, tokens/s, step time, MFU) to the
+console, JSONL and TensorBoard, checkpoints every `checkpoint.every` steps.
+
+Failure handling: a non-finite loss/gradient skips the update (the step
+function keeps the old state), is counted and logged; after
+`train.max_nonfinite_steps` in a row the run saves and stops with exit code 3.
+SIGTERM (TPU preemption) saves a checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import sys
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from gemjax import config as config_lib
+from gemjax.data import registry as data_registry
+from gemjax.errors import CheckpointError, GemjaxError
+from gemjax.model import flops as flops_lib
+from gemjax.parallel import sharding as shd
+from gemjax.train import checkpoint as ckpt_lib
+from gemjax.train import metrics as metrics_lib
+from gemjax.train import state as state_lib
+
+log = logging.getLogger('gemjax')
+
+EXIT_NONFINITE = 3
+
+
+def setup_logging() -> None:
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
+                      datefmt='%H:%M:%S', force=True)
+  logging.getLogger('absl').setLevel(logging.WARNING)
+
+
+def maybe_initialize_distributed(mesh_cfg) -> None:
+  if not mesh_cfg.distributed:
+    return
+  kwargs = {}
+  if mesh_cfg.coordinator_address:
+    kwargs.update(coordinator_address=mesh_cfg.coordinator_address,
+                  num_processes=mesh_cfg.num_processes, process_id=mesh_cfg.process_id)
+  jax.distributed.initialize(**kwargs)  # on Cloud TPU all three are discovered
+
+
+def build_mesh(cfg) -> jax.sharding.Mesh:
+  sizes = config_lib.validate_mesh(cfg, jax.device_count())
+  return shd.make_mesh(sizes, dcn_data=cfg.mesh.dcn_data) if cfg.mesh.dcn_data > 1 \
+      else shd.make_mesh(sizes, devices=jax.devices())
+
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything a run holds; built by `Trainer.create`, driven by `run`."""
+  cfg: config_lib.Config
+  mesh: jax.sharding.Mesh
+  mdef: state_lib.ModelDef
+  tx: object
+  state: dict
+  step_fn: object
+  batch_shards: dict | None
+  data_iter: object
+  checkpointer: ckpt_lib.Checkpointer
+  start_step: int
+
+  @classmethod
+  def create(cls, cfg: config_lib.Config) -> 'Trainer':
+    mesh = build_mesh(cfg)
+    mdef = state_lib.model_def(cfg.model)
+    tx = state_lib.optimizer_for(cfg)
+    schedule = state_lib.lr_schedule(cfg.optimizer, cfg.train.steps)
+    data_iter = data_registry.make_iterator(cfg, 'train', jax.process_index(),
+                                            jax.process_count())
+    c = cfg.checkpoint
+    checkpointer = ckpt_lib.Checkpointer(cfg.train.run_dir, every=c.every, keep=c.keep,
+                                         async_save=c.async_save)
+    state, start = None, 0
+    latest = checkpointer.latest_step() if c.resume else None
+    if latest is not None:
+      log.info('resuming from %s/%d', checkpointer.directory, latest)
+      abstract = state_lib.abstract_state(mdef, tx, mesh)
+      state = checkpointer.restore(latest, abstract, data_iter)
+      start = int(state['step'])
+    else:
+      state = state_lib.init_state(cfg.model, mdef, tx, mesh, cfg.train.seed)
+      if c.init_from:
+        params = ckpt_lib.load_params(c.init_from,
+                                      state_lib.abstract_state(mdef, tx, mesh)['params'])
+        state['params'] = params
+        log.info('initialised parameters from %s (fresh optimizer)', c.init_from)
+    step_fn = state_lib.make_train_step(mdef, tx, cfg.model, schedule)
+    return cls(cfg, mesh, mdef, tx, state, step_fn, None, data_iter, checkpointer, start)
+
+  def _jitted(self, batch: dict):
+    if self.batch_shards is None:
+      self.batch_shards = state_lib.batch_shardings(self.mesh, {k: v.ndim for k, v in batch.items()})
+      shards = state_lib.state_shardings(self.mdef, self.tx, self.mesh)
+      self.step_fn = state_lib.jit_train_step(self.step_fn, shards, self.batch_shards)
+    return self.step_fn
+
+  def save(self, step: int, *, force: bool = False) -> bool:
+    return self.checkpointer.save(step, self.state, self.data_iter,
+                                  config_lib.to_dict(self.cfg), force=force)
+
+  def run(self) -> int:
+    """Trains to `train.steps`; returns the process exit code."""
+    cfg, t = self.cfg, self.cfg.train
+    primary = jax.process_index() == 0
+    writer = metrics_lib.MetricWriter(t.run_dir, tensorboard=t.tensorboard, enabled=primary)
+    peak, peak_src = metrics_lib.peak_flops(t.peak_flops)
+    flops_step = flops_lib.train_flops_per_step(cfg.model, t.batch_size, t.seq_len)
+    log.info('model: %s parameters; %.3g FLOPs/step; peak %.3g FLOP/s (%s); mesh %s',
+             f'{state_lib.param_count(self.mdef):,}', flops_step, peak, peak_src,
+             dict(self.mesh.shape))
+    preempt = Preemption()
+    bar = None
+    if t.progress_bar and primary:
+      from tqdm import tqdm
+      bar = tqdm(total=t.steps, initial=self.start_step, desc='train', dynamic_ncols=True)
+    nonfinite_run, nonfinite_total = 0, 0
+    pending = None   # (step, metrics) of the last dispatched step
+    window_t0, window_steps = time.perf_counter(), 0
+    exit_code = 0
+    step = self.start_step
+    try:
+      with shd.use_mesh(self.mesh):
+        while step < t.steps:
+          if preempt.requested or self.checkpointer.reached_preemption(step):
+            log.warning('preemption signal: saving step %d and exiting', step)
+            self.save(step, force=True)
+            self.checkpointer.wait()
+            break
+          batch = next(self.data_iter)
+          step_fn = self._jitted(batch)
+          self.state, metrics = step_fn(self.state, state_lib.to_global(batch, self.batch_shards))
+          step += 1
+          window_steps += 1
+          # Read the previous step's flags while this one runs (no pipeline stall).
+          if pending is not None:
+            nonfinite_run, nonfinite_total, stop = self._check_finite(
+                pending, nonfinite_run, nonfinite_total)
+            if stop:
+              exit_code = EXIT_NONFINITE
+              break
+          pending = (step, metrics)
+          self.save(step)
+          if bar is not None:
+            bar.update(1)
+          if step % t.log_every == 0 or step == t.steps:
+            jax.block_until_ready(metrics)
+            elapsed = time.perf_counter() - window_t0
+            summary = metrics_lib.summarize(jax.device_get(metrics))
+            step_time = elapsed / window_steps
+            summary.update(step_time_s=step_time,
+                           tokens_per_s=t.batch_size * t.seq_len / step_time,
+                           mfu=flops_step / step_time / peak,
+                           nonfinite_steps=nonfinite_total)
+            writer.write(step, summary)
+            msg = (f"step {step}: loss {summary['loss']:.4f} gnorm {summary['grad_norm']:.3f} "
+                   f"lr {summary['learning_rate']:.2e} {summary['tokens_per_s']:.0f} tok/s "
+                   f"{step_time * 1e3:.0f} ms/step MFU {summary['mfu']:.1%}")
+            if bar is not None:
+              bar.write(msg)
+            else:
+              log.info(msg)
+            window_t0, window_steps = time.perf_counter(), 0
+        if pending is not None and exit_code == 0:
+          nonfinite_run, nonfinite_total, stop = self._check_finite(
+              pending, nonfinite_run, nonfinite_total)
+          exit_code = EXIT_NONFINITE if stop else 0
+        if exit_code == EXIT_NONFINITE or step >= t.steps:
+          self.save(step, force=True)
+    finally:
+      self.checkpointer.wait()
+      preempt.restore()
+      if bar is not None:
+        bar.close()
+      writer.close()
+    if exit_code == EXIT_NONFINITE:
+      log.error('stopped after %d non-finite steps in a row (checkpoint saved at step %d)',
+                nonfinite_run, step)
+    return exit_code
+
+  def _check_finite(self, pending, run: int, total: int):
+    step, metrics = pending
+    if bool(np.asarray(metrics['finite'])):
+      return 0, total, False
+    run, total = run + 1, total + 1
+    log.warning('step %d: non-finite loss/gradient (loss=%s); update skipped '
+                '(%d in a row, %d total)', step, np.asarray(metrics['loss']), run, total)
+    return run, total, run >= self.cfg.train.max_nonfinite_steps
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  setup_logging()
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] in ('-h', '--help'):
+    print(__doc__)
+    print('usage: python train.py [CONFIG.yaml] [section.key=value ...]')
+    return 0
+  path = argv.pop(0) if argv and '=' not in argv[0] else None
+  try:
+    cfg = config_lib.load_config(path, argv)
+    maybe_initialize_distributed(cfg.mesh)
+    trainer = Trainer.create(cfg)
+    code = trainer.run()
+    trainer.checkpointer.close()
+    return code
+  except GemjaxError as e:
+    log.error('%s', e)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,411 @@
+"""Builds the bundled multimodal sample corpus under data/sample/ (committed).
+
+    python scripts/build_sample_corpus.py [--out data/sample] [--seed 0]
+
+Needs espeak-ng (Debian package) for speech, PyAV for mp4, scikit-learn and
+scikit-image for the images. Only this script needs them: the corpus it
+writes is committed, so training and CI read the ArrayRecord shards and never
+run a synthesiser.
+
+Every source item lives in exactly one split: digit images by index in
+scikit-learn's `load_digits` (the rows are grouped by writer), speech by voice
+(an espeak-ng language + voice variant; speed and pitch vary per clip inside
+a voice), photographs by photo, text by documentation topic. Tasks (the answer
+segment has predict=True):
+
+  image_digit    [image] "Which digit is this?" -> "7"
+  speech_digit   [audio] "Which digit was spoken?" -> "7"
+  same_digit     [image][audio] "Is the spoken digit the digit shown?" -> yes|no
+  video_digits   [video: 3-5 digit images, 1 fps] "Which digits, in order?" -> "3 1 4"
+  photo_caption  [image: 64x64 photo crop] "Describe the photo." -> caption
+  text_lm        [text: Python documentation] (every token predicted)
+
+Imports gemjax.data.records; the optional dependencies only in here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import wave
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from gemjax.data import records  # noqa: E402
+
+DIGIT_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven',
+               'eight', 'nine')
+SPLITS = ('train', 'validation', 'test')
+SAMPLE_RATE = 16000
+DIGIT_SIZE = 28
+PHOTO_SIZE = 64
+
+# espeak-ng voices: language x variant. A voice lives in exactly one split.
+LANGUAGES = ('en-us', 'en-gb', 'en-gb-scotland', 'en-gb-x-rp', 'en-029',
+             'en-us-nyc', 'en-gb-x-gbclan', 'en-gb-x-gbcwmd')
+VARIANTS = ('m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'm7', 'f1', 'f2', 'f3', 'f4',
+            'f5', 'klatt', 'klatt2', 'klatt3')
+VOICES_PER_SPLIT = {'train': 40, 'validation': 10, 'test': 10}
+
+# (name, loader, caption, licence). Photos are split by name below.
+PHOTOS = (
+    ('astronaut', 'skimage', 'an astronaut smiling in front of a flag', 'public domain (NASA)'),
+    ('camera', 'skimage', 'a man with a camera on a tripod', 'CC0 (Lav Varshney)'),
+    ('coffee', 'skimage', 'a cup of coffee on a saucer', 'CC0 (Rachel Michetti)'),
+    ('chelsea', 'skimage', 'a tabby cat', 'CC0 (Stefan van der Walt)'),
+    ('coins', 'skimage', 'old coins on a gray background', 'no known copyright restrictions (Brooklyn Museum)'),
+    ('rocket', 'skimage', 'a rocket lifting off', 'public domain (SpaceX)'),
+    ('hubble_deep_field', 'skimage', 'galaxies in deep space', 'public domain (NASA)'),
+    ('retina', 'skimage', 'a photograph of a human retina', 'CC0 (Mikael Haggstrom)'),
+    ('horse', 'skimage', 'a black silhouette of a horse', 'CC0 (Andreas Preuss)'),
+    ('brick', 'skimage', 'a brick wall', 'CC0 (CC0Textures)'),
+    ('cell', 'skimage', 'a cell seen through a microscope', 'CC0'),
+    ('immunohistochemistry', 'skimage', 'stained tissue under a microscope', 'no known copyright restrictions (CMMI)'),
+    ('china', 'sklearn', 'a temple in china', 'CC BY 2.0 (danielbuechele, via scikit-learn)'),
+    ('flower', 'sklearn', 'a pink flower', 'CC BY 2.0 (vultilion, via scikit-learn)'),
+    ('grass', 'skimage', 'a patch of grass', 'CC0 (linolafett)'),
+    ('clock', 'skimage', 'a blurred wall clock', 'public domain (Stefan van der Walt)'),
+    ('gravel', 'skimage', 'gravel on the ground', 'CC0 (CC0Textures)'),
+    ('text', 'skimage', 'printed letters and shapes', 'public domain (Wikipedia)'),
+)
+PHOTO_SPLIT = {'grass': 'validation', 'clock': 'validation', 'gravel': 'test',
+               'text': 'test'}
+PHOTO_CROPS = {'train': 8, 'validation': 4, 'test': 4}
+
+COUNTS = {  # records per task and split
+    'same_digit': {'train': 200, 'validation': 80, 'test': 80},
+    'video_digits': {'train': 300, 'validation': 60, 'test': 60},
+}
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format='PNG', optimize=True)
+  return buf.getvalue()
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 85) -> bytes:
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format='JPEG', quality=quality)
+  return buf.getvalue()
+
+
+# ------------------------------------------------------------------- digits
+
+
+def digit_images() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 1797 8x8 digits (0..16) upscaled to 28x28 uint8."""
+  from PIL import Image
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  images_Nx8x8 = digits.images
+  out = np.zeros((len(images_Nx8x8), DIGIT_SIZE, DIGIT_SIZE), np.uint8)
+  for i, im in enumerate(images_Nx8x8):
+    small = Image.fromarray((im * (255 / 16)).astype(np.uint8))
+    # 8 -> 24 bicubic, then a 2-pixel border like MNIST's.
+    big = np.asarray(small.resize((24, 24), Image.BICUBIC))
+    out[i, 2:26, 2:26] = big
+  return out, digits.target.astype(np.int64)
+
+
+def digit_split_indices(n: int) -> dict[str, np.ndarray]:
+  # load_digits rows come grouped by writer: contiguous index ranges keep a
+  # writer's digits (mostly) in one split.
+  n_train, n_val = int(n * 0.8), int(n * 0.1)
+  return {'train': np.arange(0, n_train),
+          'validation': np.arange(n_train, n_train + n_val),
+          'test': np.arange(n_train + n_val, n)}
+
+
+# ------------------------------------------------------------------- speech
+
+
+def synth(word: str, voice: str, speed: int, pitch: int, bits: int) -> bytes:
+  """espeak-ng -> 16 kHz mono WAV, silence trimmed."""
+  import soxr
+
+  raw = subprocess.run(['espeak-ng', '-v', voice, '-s', str(speed), '-p',
+                        str(pitch), '--stdout', word], capture_output=True,
+                       check=True).stdout
+  with wave.open(io.BytesIO(raw)) as w:
+    rate = w.getframerate()
+    x = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
+  y = soxr.resample(x, rate, SAMPLE_RATE)
+  loud = np.nonzero(np.abs(y) > 0.01)[0]
+  if loud.size:
+    y = y[max(loud[0] - 160, 0):loud[-1] + 320]  # keep 10 ms before, 20 ms after
+  y = np.clip(y / max(np.abs(y).max(), 1e-3) * 0.9, -1, 1)
+  buf = io.BytesIO()
+  with wave.open(buf, 'wb') as w:
+    w.setnchannels(1)
+    w.setframerate(SAMPLE_RATE)
+    if bits == 8:  # WAV 8-bit PCM is unsigned
+      w.setsampwidth(1)
+      w.writeframes(np.round(y * 127 + 128).astype(np.uint8).tobytes())
+    else:
+      w.setsampwidth(2)
+      w.writeframes(np.round(y * 32767).astype('<i2').tobytes())
+  return buf.getvalue()
+
+
+def voice_splits(rng: np.random.Generator) -> dict[str, list[str]]:
+  voices = [f'{lang}+{var}' for lang in LANGUAGES for var in VARIANTS]
+  order = rng.permutation(len(voices))
+  out, start = {}, 0
+  for split in SPLITS:
+    n = VOICES_PER_SPLIT[split]
+    out[split] = [voices[i] for i in order[start:start + n]]
+    start += n
+  return out
+
+
+def speech_clips(voices: list[str], rng: np.random.Generator, bits: int) -> list[dict]:
+  clips = []
+  for voice in voices:
+    for digit, word in enumerate(DIGIT_WORDS):
+      speed = int(rng.integers(140, 240))
+      pitch = int(rng.integers(20, 80))
+      clips.append({'digit': digit, 'voice': voice, 'speed': speed, 'pitch': pitch,
+                    'wav': synth(word, voice, speed, pitch, bits)})
+  return clips
+
+
+# ------------------------------------------------------------------- video
+
+
+def mp4_bytes(frames_Fx28x28: np.ndarray, fps: int = 1) -> bytes:
+  """Gray frames -> MP4 (MPEG-4 Part 2, ffmpeg's own encoder, inside PyAV).
+
+  Not H.264: libx264 gave different bytes for the same frames in different
+  processes (28 is not a multiple of its 16-pixel macroblocks), and a rebuild
+  should reproduce the committed files exactly.
+  """
+  import av
+
+  buf = io.BytesIO()
+  with av.open(buf, mode='w', format='mp4') as container:
+    stream = container.add_stream('mpeg4', rate=fps)
+    stream.width, stream.height = frames_Fx28x28.shape[2], frames_Fx28x28.shape[1]
+    stream.pix_fmt = 'yuv420p'
+    stream.options = {'qscale': '3'}
+    stream.codec_context.thread_count = 1
+    for frame in frames_Fx28x28:
+      rgb = np.repeat(frame[..., None], 3, axis=-1)
+      for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format='rgb24')):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  return buf.getvalue()
+
+
+# ------------------------------------------------------------------- photos, text
+
+
+def load_photo(name: str, loader: str) -> np.ndarray:
+  if loader == 'sklearn':
+    from sklearn.datasets import load_sample_image
+    return load_sample_image(f'{name}.jpg')
+  import skimage.data
+  image = getattr(skimage.data, name)()
+  if image.dtype == bool:
+    image = image.astype(np.uint8) * 255
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  return image[..., :3].astype(np.uint8)
+
+
+def photo_crops(image: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+  from PIL import Image
+  H, W = image.shape[:2]
+  crops = []
+  for _ in range(n):
+    side = int(rng.uniform(0.5, 1.0) * min(H, W))
+    y, x = int(rng.integers(0, H - side + 1)), int(rng.integers(0, W - side + 1))
+    crop = Image.fromarray(image[y:y + side, x:x + side]).resize(
+        (PHOTO_SIZE, PHOTO_SIZE), Image.LANCZOS)
+    crops.append(np.asarray(crop))
+  return crops
+
+
+def text_chunks(max_chars: int = 1200) -> list[tuple[str, str]]:
+  """(topic, chunk) from Python's own documentation (pydoc_data, PSF licence)
+  and the Zen of Python."""
+  import contextlib
+  import pydoc_data.topics
+  with contextlib.redirect_stdout(io.StringIO()):  # `import this` prints the Zen
+    import this
+
+  docs = dict(pydoc_data.topics.topics)
+  docs['zen-of-python'] = codecs.decode(this.s, 'rot13')
+  chunks = []
+  for topic in sorted(docs):
+    paragraphs = [p.strip() for p in docs[topic].split('\n\n') if p.strip()]
+    current = ''
+    for p in paragraphs:
+      if current and len(current) + len(p) + 2 > max_chars:
+        chunks.append((topic, current))
+        current = ''
+      current = f'{current}\n\n{p}' if current else p[:max_chars * 2]
+    if current:
+      chunks.append((topic, current))
+  return chunks
+
+
+def text_splits(chunks: list[tuple[str, str]], held_out: float = 0.05) -> dict[str, str]:
+  """topic -> split: topics in a fixed hash order go to validation, then test,
+  until each holds `held_out` of the chunks; the rest train."""
+  per_topic: dict[str, int] = {}
+  for topic, _ in chunks:
+    per_topic[topic] = per_topic.get(topic, 0) + 1
+  order = sorted(per_topic, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+  out, filled = {}, {'validation': 0, 'test': 0}
+  for topic in order:
+    for split in ('validation', 'test'):
+      if filled[split] < held_out * len(chunks):
+        out[topic] = split
+        filled[split] += per_topic[topic]
+        break
+    else:
+      out[topic] = 'train'
+  return out
+
+
+# ------------------------------------------------------------------- records
+
+
+def rec(rid: str, task: str, segments: list[dict], meta: dict) -> dict:
+  return {'id': rid, 'task': task, 'segments': segments, 'meta': meta}
+
+
+def seg_image(data: bytes, fmt: str = 'png') -> dict:
+  return {'kind': 'image', 'data': data, 'format': fmt, 'predict': False}
+
+
+def seg_text(text: str, predict: bool = False) -> dict:
+  return {'kind': 'text', 'text': text, 'predict': predict}
+
+
+def build(out: str, seed: int, bits: int) -> dict:
+  rng = np.random.default_rng(seed)
+  images, labels = digit_images()
+  pngs = [png_bytes(im) for im in images]
+  split_idx = digit_split_indices(len(images))
+  voices = voice_splits(rng)
+  chunks = text_chunks()
+  topic_split = text_splits(chunks)
+  tasks: dict[str, dict[str, list[dict]]] = {s: {} for s in SPLITS}
+  for split in SPLITS:
+    idx = split_idx[split]
+    t = tasks[split]
+    t['image_digit'] = [
+        rec(f'{split}/image_digit/{i}', 'image_digit',
+            [seg_image(pngs[i]), seg_text('Which digit is this?'),
+             seg_text(str(labels[i]), True)],
+            {'digit': int(labels[i]), 'source': f'sklearn.load_digits[{i}]'})
+        for i in idx]
+    print(f'{split}: synthesising {len(voices[split]) * 10} clips', flush=True)
+    clips = speech_clips(voices[split], rng, bits)
+    clip_meta = lambda c: {'digit': c['digit'], 'voice': c['voice'],
+                           'speed': c['speed'], 'pitch': c['pitch']}
+    t['speech_digit'] = [
+        rec(f'{split}/speech_digit/{j}', 'speech_digit',
+            [{'kind': 'audio', 'data': c['wav'], 'format': 'wav', 'predict': False},
+             seg_text('Which digit was spoken?'), seg_text(str(c['digit']), True)],
+            clip_meta(c))
+        for j, c in enumerate(clips)]
+    by_digit = {d: [i for i in idx if labels[i] == d] for d in range(10)}
+    same = []
+    n_same = COUNTS['same_digit'][split]
+    for j in range(n_same):
+      clip = clips[int(rng.integers(len(clips)))]
+      is_same = j % 2 == 0  # exactly balanced
+      digit = clip['digit'] if is_same else int(
+          (clip['digit'] + rng.integers(1, 10)) % 10)
+      i = int(rng.choice(by_digit[digit]))
+      same.append(rec(
+          f'{split}/same_digit/{j}', 'same_digit',
+          [seg_image(pngs[i]),
+           {'kind': 'audio', 'data': clip['wav'], 'format': 'wav', 'predict': False},
+           seg_text('Is the spoken digit the digit shown?'),
+           seg_text('yes' if is_same else 'no', True)],
+          {'image_digit': int(labels[i]), 'spoken_digit': clip['digit'],
+           'same': is_same, 'voice': clip['voice'], 'image_index': i}))
+    rng.shuffle(same)
+    t['same_digit'] = same
+    videos = []
+    for j in range(COUNTS['video_digits'][split]):
+      n_frames = int(rng.integers(3, 6))
+      chosen = rng.choice(idx, size=n_frames, replace=False)
+      answer = ' '.join(str(labels[i]) for i in chosen)
+      videos.append(rec(
+          f'{split}/video_digits/{j}', 'video_digits',
+          [{'kind': 'video', 'data': mp4_bytes(images[chosen]), 'format': 'mp4',
+            'predict': False},
+           seg_text('Which digits appear, in order?'), seg_text(answer, True)],
+          {'digits': [int(labels[i]) for i in chosen], 'fps': 1,
+           'image_indices': [int(i) for i in chosen]}))
+    t['video_digits'] = videos
+    photos = []
+    for name, loader, caption, _ in PHOTOS:
+      if PHOTO_SPLIT.get(name, 'train') != split:
+        continue
+      for k, crop in enumerate(photo_crops(load_photo(name, loader),
+                                           PHOTO_CROPS[split], rng)):
+        photos.append(rec(f'{split}/photo_caption/{name}/{k}', 'photo_caption',
+                          [seg_image(jpeg_bytes(crop), 'jpeg'),
+                           seg_text('Describe the photo.'), seg_text(caption, True)],
+                          {'photo': name}))
+    t['photo_caption'] = photos
+    t['text_lm'] = [rec(f'{split}/text_lm/{j}', 'text_lm', [seg_text(text, True)],
+                        {'topic': topic})
+                    for j, (topic, text) in enumerate(
+                        (tp, tx) for tp, tx in chunks if topic_split[tp] == split)]
+
+  if os.path.isdir(out):
+    for split in SPLITS:
+      shutil.rmtree(os.path.join(out, split), ignore_errors=True)
+  manifest = {'format_version': records.FORMAT_VERSION, 'seed': seed,
+              'audio': f'WAV {SAMPLE_RATE} Hz mono {bits}-bit PCM',
+              'voices': voices, 'splits': {}}
+  for split in SPLITS:
+    manifest['splits'][split] = {}
+    for task, recs in sorted(tasks[split].items()):
+      order = rng.permutation(len(recs))  # shards hold a shuffled order
+      paths, counts = records.write_shards([recs[i] for i in order],
+                                           os.path.join(out, split, task), 1)
+      size = sum(os.path.getsize(p) for p in paths)
+      manifest['splits'][split][task] = {'records': sum(counts), 'bytes': size,
+                                         'files': [os.path.relpath(p, out) for p in paths]}
+      print(f'{split:10s} {task:14s} {sum(counts):5d} records {size / 1e6:6.2f} MB')
+  with open(os.path.join(out, 'manifest.json'), 'w') as f:
+    json.dump(manifest, f, indent=1)
+  return manifest
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', default=os.path.join(
+      os.path.dirname(__file__), '..', 'data', 'sample'))
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--audio-bits', type=int, choices=(8, 16), default=8)
+  args = parser.parse_args(argv)
+  if shutil.which('espeak-ng') is None:
+    sys.exit('espeak-ng is needed to synthesise speech: apt-get install espeak-ng')
+  manifest = build(os.path.normpath(args.out), args.seed, args.audio_bits)
+  total = sum(t['bytes'] for s in manifest['splits'].values() for t in s.values())
+  print(f'total {total / 1e6:.2f} MB in {os.path.normpath(args.out)}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,122 @@
+"""Resume, re-mesh, fine-tune and checkpoint error paths through the real Trainer."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from gemjax.config import load_config
+from gemjax.data import registry as data_registry
+from gemjax.data import simple
+from gemjax.data.batch import text_batch
+from gemjax.errors import CheckpointError
+from gemjax.train import checkpoint as ckpt_lib
+from gemjax.train.loop import EXIT_NONFINITE, Trainer
+
+TINY = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=4',
+        'model.num_kv_heads=2', 'model.head_dim=8', 'model.mlp_dim=64',
+        'model.vocab_size=256', 'train.batch_size=8', 'train.seq_len=32',
+        'train.log_every=1', 'train.progress_bar=false', 'train.tensorboard=false',
+        'optimizer.warmup_steps=2', 'optimizer.decay_steps=6', 'checkpoint.every=3']
+
+
+def _cfg(run_dir, *extra):
+  return load_config(None, TINY + [f'train.run_dir={run_dir}', *extra])
+
+
+def _losses(run_dir):
+  rows = [json.loads(l) for l in open(os.path.join(run_dir, 'metrics.jsonl'))]
+  return {r['step']: r['loss'] for r in rows}
+
+
+def _params(trainer):
+  return jax.tree.map(np.asarray, trainer.state['params'])
+
+
+def _train(cfg):
+  trainer = Trainer.create(cfg)
+  code = trainer.run()
+  trainer.checkpointer.close()
+  return trainer, code
+
+
+def test_resume_after_kill_matches_uninterrupted_run_bitwise(tmp_path):
+  straight, code = _train(_cfg(tmp_path / 'a', 'train.steps=6'))
+  assert code == 0
+  # "Killed" after step 3: the process is gone, only the run directory remains.
+  first, _ = _train(_cfg(tmp_path / 'b', 'train.steps=3'))
+  del first
+  resumed = Trainer.create(_cfg(tmp_path / 'b', 'train.steps=6'))
+  assert resumed.start_step == 3
+  assert resumed.data_iter.step == 3   # the data position came back too
+  resumed.run()
+  resumed.checkpointer.close()
+  a, b = _losses(tmp_path / 'a'), _losses(tmp_path / 'b')
+  assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
+  for x, y in zip(jax.tree.leaves(_params(straight)), jax.tree.leaves(_params(resumed))):
+    assert np.array_equal(x, y)
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+  saved, _ = _train(_cfg(tmp_path, 'train.steps=3', 'mesh.data=1', 'mesh.fsdp=8'))
+  other = Trainer.create(_cfg(tmp_path, 'train.steps=3', 'mesh.data=4', 'mesh.tensor=2'))
+  assert other.start_step == 3
+  wq = other.state['params']['layers']['blocks'][0]['attn']['wq_DxHxK']
+  assert dict(wq.sharding.mesh.shape)['tensor'] == 2 and 'tensor' in str(wq.sharding.spec)
+  for x, y in zip(jax.tree.leaves(_params(saved)), jax.tree.leaves(_params(other))):
+    assert np.array_equal(x, y)
+  other.checkpointer.close()
+
+
+def test_init_from_loads_params_only_with_fresh_optimizer(tmp_path):
+  base, _ = _train(_cfg(tmp_path / 'base', 'train.steps=3'))
+  ft = Trainer.create(_cfg(tmp_path / 'ft', 'train.steps=3',
+                           f'checkpoint.init_from={tmp_path / "base"}'))
+  assert ft.start_step == 0 and int(ft.state['step']) == 0
+  for x, y in zip(jax.tree.leaves(_params(base)), jax.tree.leaves(_params(ft))):
+    assert np.array_equal(x, y)
+  mu = ft.state['opt_state'][1][0].mu
+  assert all(float(np.abs(np.asarray(m)).max()) == 0 for m in jax.tree.leaves(mu))
+  ft.checkpointer.close()
+
+
+def test_checkpoint_errors_name_path_and_mismatch(tmp_path):
+  _train(_cfg(tmp_path / 'run', 'train.steps=3'))
+  with pytest.raises(CheckpointError, match='does not exist'):
+    Trainer.create(_cfg(tmp_path / 'x', f'checkpoint.init_from={tmp_path / "missing"}'))
+  # A model of another width: the error names the parameter and both shapes.
+  with pytest.raises(CheckpointError, match=r'embedding_VxD has shape \(256, 32\).*\(256, 48\)'):
+    Trainer.create(_cfg(tmp_path / 'run', 'model.d_model=48'))
+  # A partial checkpoint (state item lost) is an error, not a fresh start.
+  shutil.rmtree(tmp_path / 'run' / '3' / 'state')
+  with pytest.raises(CheckpointError, match="partial: item 'state' is missing"):
+    Trainer.create(_cfg(tmp_path / 'run'))
+  # Only an unfinished (tmp) save in the run dir: also an error.
+  os.makedirs(tmp_path / 'only_tmp' / '5.orbax-checkpoint-tmp-123')
+  with pytest.raises(CheckpointError, match='only partial'):
+    Trainer.create(_cfg(tmp_path / 'only_tmp'))
+
+
+@data_registry.register_source('nan_test')
+def _nan_source(cfg, split, process_index, process_count):
+  def make(step):
+    b = text_batch(np.ones((cfg.train.batch_size, cfg.train.seq_len), np.int32))
+    b['loss_weights'][:] = np.nan
+    return b
+  return simple.StepIterator(make)
+
+
+def test_nonfinite_loss_skips_updates_and_stops_with_a_checkpoint(tmp_path):
+  cfg = _cfg(tmp_path, 'train.steps=50', 'data.source=nan_test',
+             'train.max_nonfinite_steps=3', 'checkpoint.every=100')
+  trainer = Trainer.create(cfg)
+  before = _params(trainer)
+  assert trainer.run() == EXIT_NONFINITE
+  trainer.checkpointer.close()
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(_params(trainer))):
+    assert np.array_equal(x, y)
+  steps = [int(p) for p in os.listdir(tmp_path) if p.isdigit()]
+  assert steps and max(steps) <= 5

@@ -1,0 +1,71 @@
+"""Passkey generator (batch contract, needle depth, loss on the answer only) and
+the depth x length evaluation (exact match, Markdown table, heat map)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from gemjax.config import ModelConfig, OptimizerConfig
+from gemjax.data import passkey as pk
+from gemjax.data.batch import validate_batch
+from gemjax.eval import passkey as pk_eval
+from gemjax.parallel import sharding as shd
+from gemjax.train import state as st
+
+
+@pytest.mark.parametrize('depth', [0.0, 0.5, 1.0])
+def test_example_has_exact_length_and_needle_at_depth(depth):
+  ex = pk.make_example(400, depth, 4217, digits=5)
+  assert len(ex.text) == 400
+  assert ex.text.endswith(pk.QUESTION + '04217')
+  assert ex.text[ex.needle_start:].startswith(pk.needle('04217'))
+  filler = 400 - pk.min_length(5)
+  assert abs(ex.needle_start - depth * filler) <= len(pk.FILLER)   # snapped to a sentence
+  assert ex.text[ex.answer_start:] == '04217'
+
+
+def test_batch_follows_contract_and_weights_only_answer_digits():
+  rng = np.random.default_rng(0)
+  batch = pk.passkey_batch(rng, 4, 256, lengths=(150, 256), digits=5)
+  validate_batch(batch)
+  assert batch['tokens'].max() < 256 and (batch['modality'] == 0).all()
+  for b in range(4):
+    w = batch['loss_weights'][b]
+    assert w.sum() == 5
+    answer = bytes(batch['targets'][b][w > 0].astype(np.uint8)).decode()
+    assert answer.isdigit() and len(answer) == 5
+    n = int((batch['segment_ids'][b] > 0).sum())
+    text = bytes(batch['tokens'][b, :n].astype(np.uint8)).decode()
+    assert text.endswith(pk.QUESTION + answer) and pk.needle(answer) in text
+
+
+def test_batches_are_a_pure_function_of_seed_step_row():
+  a = pk.passkey_batches(4, 192, seed=3)
+  b = pk.passkey_batches(4, 192, seed=3, start_step=1)
+  next(a)
+  np.testing.assert_array_equal(next(a)['tokens'], next(b)['tokens'])
+  rows = pk.passkey_batches(4, 192, seed=3, rows=range(2, 4))
+  np.testing.assert_array_equal(next(rows)['tokens'], next(pk.passkey_batches(4, 192, seed=3))['tokens'][2:])
+
+
+def test_too_short_length_is_a_clear_error():
+  with pytest.raises(ValueError, match='too short'):
+    pk.make_example(40, 0.5, 1)
+
+
+def test_evaluate_writes_table_and_heatmap(tmp_path):
+  cfg = ModelConfig(vocab_size=272, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16,
+                    mlp_dim=64, num_layers=1)
+  mdef = st.model_def(cfg)
+  mesh = shd.single_device_mesh()
+  tx = st.make_optimizer(OptimizerConfig(), 1)
+  params = st.init_state(cfg, mdef, tx, mesh, 0)['params']
+  res = pk_eval.evaluate_passkey(params, mdef, lengths=(128, 160), depths=(0.0, 1.0),
+                                 samples=3, batch_size=2, out_dir=str(tmp_path),
+                                 train_length=128)
+  grid = res['exact_match']
+  assert grid.shape == (2, 2) and ((grid >= 0) & (grid <= 1)).all()
+  assert '| depth \\ length | 128* | 160 |' in res['markdown']
+  assert all(os.path.getsize(f) > 0 for f in res['files'])
+  assert res['files'][1].endswith('.png')
