@@ -28,9 +28,7 @@ mesh the collectives are part of the dispatch and cannot be isolated this way).
 import os
 import sys
 
-# bench/ holds scripts named like stdlib modules (tokenize.py): keep it off the path.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != _HERE]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -38,7 +36,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-ROOT = os.path.dirname(_HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {
     'dense': ('configs/nano.yaml', []),
     'dense_flat': ('configs/nano.yaml', ['model.mlp=swiglu_flat']),

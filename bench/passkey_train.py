@@ -14,9 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/tokenize.py (another benchmark) would shadow the stdlib `tokenize`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != _HERE]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -21,11 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as `python bench/pipeline.py`, Python puts bench/ first on sys.path,
-# where bench/tokenize.py would shadow the standard library's tokenize.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -94,3 +94,9 @@ def _grain(cfg, split: str, process_index: int, process_count: int):
   return pipeline.make_eval_iterator(settings, builder, seq_len=t.seq_len,
                                      batch_size=t.batch_size // process_count,
                                      process_index=process_index, process_count=process_count)
+
+
+@register_source('passkey')
+def _passkey(cfg, split: str, process_index: int, process_count: int):
+  from gemjax.data import passkey
+  return passkey.passkey_source(cfg, split, process_index, process_count)

@@ -1,6 +1,6 @@
 """Host tokenizer throughput on ONE CPU core: images/s, audio s/s, video frames/s.
 
-    python bench/tokenize.py [--seconds 2]
+    python bench/tokenizers_bench.py [--seconds 2]
 
 Inputs are made here (scikit-image sample photos, synthetic audio, a PyAV
 encoded clip), so the benchmark needs no network and no data set. The process
@@ -13,12 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-# This file's name shadows the standard library's `tokenize` (which numpy and
-# inspect import) when run as a script: drop bench/ from the import path and
-# put the repository root there instead, so gemjax imports without installing.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 for var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMBA_NUM_THREADS'):
   os.environ.setdefault(var, '1')
@@ -143,7 +138,7 @@ def main(argv=None) -> int:
 
   print(f'# gemjax tokenizer throughput, one core ({where}), python '
         f'{platform.python_version()}, {platform.machine()}')
-  print(f'# command: python bench/tokenize.py --seconds {args.seconds:g}\n')
+  print(f'# command: python bench/tokenizers_bench.py --seconds {args.seconds:g}\n')
   print('| modality | input | settings | throughput | unit | tokens/item |')
   print('|---|---|---|---:|---|---:|')
   for what, inp, settings, r, unit, ntok in rows:
