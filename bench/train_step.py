@@ -6,7 +6,8 @@
 Cases: `nano` (configs/nano.yaml as it is today) and `reference`, a fixed shape
 that stays put as the presets evolve: d_model 256, 4 layers, 4 heads of 64 (no
 GQA), SwiGLU 1024, vocab 8192, untied embeddings, sequence 512, global batch 8,
-float32, text only. MFU counts 6 x matmul params x tokens + attention
+float32, text only, 'blockwise' attention with 128-token chunks (the CPU
+setting); `reference-dense` is the same shape with the 'dense' kernel. MFU counts 6 x matmul params x tokens + attention
 (gemjax/model/flops.py) against the f32 matmul peak measured in the same
 process just before the steps run.
 """
@@ -21,12 +22,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {
     'nano': ('configs/nano.yaml', []),
-    'reference': (None, ['model.d_model=256', 'model.num_layers=4', 'model.num_heads=4',
+    'reference': (None, ['model.attention=blockwise', 'model.attention_block=128',
+                         'model.d_model=256', 'model.num_layers=4', 'model.num_heads=4',
                          'model.num_kv_heads=4', 'model.head_dim=64', 'model.mlp_dim=1024',
                          'model.vocab_size=8192', 'model.tie_embeddings=false',
                          'train.seq_len=512', 'train.batch_size=8',
                          'model.param_dtype=float32', 'model.compute_dtype=float32']),
 }
+# The same shape with the 'dense' kernel (full [T, S] scores), for comparison.
+CASES['reference-dense'] = (None, CASES['reference'][1] + ['model.attention=dense'])
 
 
 def run_case(case: str, devices: int, steps: int, extra: list[str]) -> dict:

@@ -77,9 +77,12 @@ class ModelConfig:
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   z_loss: float = 1e-4
-  # Attention sublayer / kernel: 'dense' | 'blockwise' | 'ring' | ... (registry).
-  attention: str = 'dense'
-  # Query/key chunk of the blockwise and ring kernels.
+  # Attention sublayer / kernel: 'blockwise' | 'dense' | 'ring' | 'splash' |
+  # 'cudnn' | ... (registry). 'blockwise' is exact, never materialises the
+  # [T, S] matrix and skips fully masked chunks (causal, windows, packing).
+  attention: str = 'blockwise'
+  # Query/key chunk of the blockwise and ring kernels (128 suits CPU caches;
+  # 512 suits TPU/GPU).
   attention_block: int = 512
   # Local + global: `local_layers` sliding-window layers, then one global one.
   local_layers: int = 0

@@ -1,6 +1,7 @@
 """Attention kernels against the dense reference: same mask, same numbers.
 
-Every kernel is compared with `dense_attention` (the full score matrix) on
+Every kernel is compared with `naive_attention` (the full score matrix,
+differentiated by JAX) on
 f32 inputs with packed segments, padding, bidirectional blocks and GQA, for
 the output and the gradients of q, k, v (atol 1e-5). Masks are data, so one
 compiled function per static (causal, window) covers every batch layout.
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from gemjax.model import blockwise as bw
-from gemjax.model.attention import ATTENTION_KERNELS, dense_attention, visible_mask
+from gemjax.model.attention import ATTENTION_KERNELS, dense_attention, naive_attention, visible_mask
 from gemjax.model.layers import SequenceInfo
 
 ATOL = 1e-5
@@ -49,7 +50,7 @@ def value_and_grads(kernel, causal, window):
 @functools.lru_cache(maxsize=None)
 def dense_fn(causal, window):
   """The reference, compiled once per mask kind for every test module."""
-  return value_and_grads(dense_attention, causal, window)
+  return value_and_grads(naive_attention, causal, window)
 
 
 def assert_same(got, want):
@@ -61,6 +62,14 @@ def assert_same(got, want):
 
 
 MASKS = [(True, 0), (True, 9), (False, 0), (False, 9)]
+
+
+@pytest.mark.parametrize('causal,window', MASKS)
+def test_dense_kernel_custom_vjp_matches_autodiff(causal, window):
+  """'dense' recomputes scores in its backward; values and grads are unchanged."""
+  q, k, v, ct, info = make_inputs()
+  assert_same(value_and_grads(dense_attention, causal, window)(q, k, v, ct, info),
+              dense_fn(causal, window)(q, k, v, ct, info))
 
 
 @pytest.mark.parametrize('causal,window', MASKS)

@@ -122,14 +122,16 @@ class Decoder(nnx.Module):
     return x_BxTxD, aux
 
   def logits(self, x_BxTxD: jax.Array) -> jax.Array:
-    x = self.final_norm(x_BxTxD).astype(self.compute_dtype)
+    b, t, d = x_BxTxD.shape
+    # Flattened tokens: a 2-D matmul (see layers.project for why).
+    x_NxD = self.final_norm(x_BxTxD).astype(self.compute_dtype).reshape(b * t, d)
     if self.tie_embeddings:
       w = self.embedding_VxD[...].astype(self.compute_dtype)
-      logits = jnp.einsum('btd,vd->btv', x, w, preferred_element_type=jnp.float32)
+      logits = jnp.einsum('nd,vd->nv', x_NxD, w, preferred_element_type=jnp.float32)
     else:
       w = self.head_DxV[...].astype(self.compute_dtype)
-      logits = jnp.einsum('btd,dv->btv', x, w, preferred_element_type=jnp.float32)
-    return constrain(logits, ('batch', 'length', 'act_vocab'))
+      logits = jnp.einsum('nd,dv->nv', x_NxD, w, preferred_element_type=jnp.float32)
+    return constrain(logits.reshape(b, t, -1), ('batch', 'length', 'act_vocab'))
 
   def __call__(self, batch: Mapping[str, jax.Array]):
     """Returns (logits_BxTxV float32, aux) where aux holds per-layer extras."""

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemjax.model.layers import SequenceInfo, fan_in_std, param
+from gemjax.model.layers import SequenceInfo, fan_in_std, param, project
 from gemjax.parallel.sharding import constrain
 
 
@@ -27,9 +27,8 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo | None = None):
     cd = self.compute_dtype
-    x = x_BxTxD.astype(cd)
-    gate_BxTxF = jnp.einsum('btd,df->btf', x, self.w_gate_DxF[...].astype(cd))
-    up_BxTxF = jnp.einsum('btd,df->btf', x, self.w_up_DxF[...].astype(cd))
+    gate_BxTxF = project(x_BxTxD, self.w_gate_DxF[...], dtype=cd)
+    up_BxTxF = project(x_BxTxD, self.w_up_DxF[...], dtype=cd)
     h_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ('batch', 'length', 'act_mlp'))
-    y = jnp.einsum('btf,fd->btd', h_BxTxF, self.w_down_FxD[...].astype(cd))
+    y = project(h_BxTxF, self.w_down_FxD[...], dtype=cd)
     return constrain(y, ('batch', 'length', 'act_embed')), {}
