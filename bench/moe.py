@@ -5,8 +5,7 @@
 
 Models: `configs/nano-moe.yaml` (8 experts of width 256, top-2, every layer)
 and `configs/nano.yaml` (dense SwiGLU 512 = the same active FFN width, so the
-same FLOPs per token up to the router), the latter twice: as it is, and with
-its SwiGLU on flattened [B*T, D] tokens (see `register_flat_swiglu`). Paths: `capacity` (what the default
+same FLOPs per token up to the router). Paths: `capacity` (what the default
 `auto` picks on CPU) and `dropless`. 8 devices are emulated CPU devices in a
 separate process, on two meshes: `data` (the batch split only, every device
 holds all experts) and `expert` (expert parallel: tokens move with
@@ -39,7 +38,6 @@ import time  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {
     'dense': ('configs/nano.yaml', []),
-    'dense_flat': ('configs/nano.yaml', ['model.mlp=swiglu_flat']),
     'capacity': ('configs/nano-moe.yaml', ['model.moe.path=capacity']),
     'dropless': ('configs/nano-moe.yaml', ['model.moe.path=dropless']),
 }
@@ -102,33 +100,6 @@ def layer_breakdown(cfg, tokens_BxTxD_shape) -> dict:
   return fns
 
 
-def register_flat_swiglu() -> None:
-  """A second dense baseline: the same SwiGLU with [B*T, D] 2D matmuls.
-
-  On XLA:CPU the model's 3D einsums ('btd,df->btf') run ~3.5x slower
-  forward+backward than the same matmuls on flattened tokens (the weight
-  gradient contracts two axes), which flatters any MoE comparison against
-  the stock dense layer. Registered here only, for the benchmark.
-  """
-  import jax
-  from gemjax.model import mlp, registry
-
-  class FlatSwiGLU(mlp.SwiGLU):
-    def __call__(self, x_BxTxD, info=None):
-      B, T, D = x_BxTxD.shape
-      cd = self.compute_dtype
-      x_NxD = x_BxTxD.reshape(B * T, D).astype(cd)
-      gate_NxF = x_NxD @ self.w_gate_DxF[...].astype(cd)
-      up_NxF = x_NxD @ self.w_up_DxF[...].astype(cd)
-      y_NxD = (jax.nn.silu(gate_NxF) * up_NxF) @ self.w_down_FxD[...].astype(cd)
-      return y_NxD.reshape(B, T, D), {}
-
-  @registry.register_mlp('swiglu_flat')
-  def _build(cfg, spec, *, rngs):
-    return FlatSwiGLU(cfg.d_model, cfg.mlp_dim, compute_dtype=registry.compute_dtype(cfg),
-                      param_dtype=registry.param_dtype(cfg), rngs=rngs)
-
-
 def build_case(case: str, devices: int, mesh_kind: str):
   """(config, one-step thunk) for a case, compiled and warmed up."""
   import jax
@@ -176,9 +147,8 @@ def run_devices(devices: int, steps: int, rounds: int) -> list[dict]:
   from gemjax.train import state as S
 
   from gemjax.parallel.expert import resolve_path
-  register_flat_swiglu()
   default = resolve_path('auto')
-  runs = [('dense', 'data'), ('dense_flat', 'data'), ('capacity', 'data'), ('dropless', 'data')]
+  runs = [('dense', 'data'), ('capacity', 'data'), ('dropless', 'data')]
   if devices > 1:
     runs += [('capacity', 'expert'), ('dropless', 'expert')]
   built = {r: build_case(*r[:1], devices, r[1]) for r in runs}
@@ -241,20 +211,18 @@ def main():
       print(l, file=sys.stderr)
       rows.append(json.loads(l))
   dense = {r['devices']: r['step_ms'] for r in rows if r['case'] == 'dense'}
-  flat = {r['devices']: r['step_ms'] for r in rows if r['case'] == 'dense_flat'}
   print('| model | path | devices | mesh | step ms (min) | step ms (median) | vs dense | '
-        'vs dense (2D matmul SwiGLU) | dropped | dispatch+combine share of step | compile s |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|')
+        'dropped | dispatch+combine share of step | compile s |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
     d = r['devices']
-    model = {'dense': 'nano (dense)', 'dense_flat': 'nano (dense, 2D matmul SwiGLU)'}.get(
-        r['case'], 'nano-moe')
+    model = 'nano (dense)' if r['case'] == 'dense' else 'nano-moe'
     path = r['path'] + (' (default)' if r.get('default') else '')
     drop = f"{r['dropped']:.1%}" if 'dropped' in r else '-'
     disp = f"{r['dispatch_frac']:.0%}" if 'dispatch_frac' in r else '-'
     print(f"| {model} | {path} | {d} | {r['mesh']} | {r['step_ms']:.1f} | "
           f"{r['step_ms_median']:.1f} | {r['step_ms'] / dense.get(d, float('nan')):.2f}x | "
-          f"{r['step_ms'] / flat.get(d, float('nan')):.2f}x | {drop} | {disp} | "
+          f"{drop} | {disp} | "
           f"{r['compile_s']:.1f} |")
 
 

@@ -41,7 +41,6 @@ def main(argv=None):
   ap.add_argument('--eval-samples', type=int, default=32)
   ap.add_argument('--log-every', type=int, default=50)
   args = ap.parse_args(argv)
-  sources.SOURCES.setdefault('passkey', pk.passkey_source)   # until the lead wires it
   cfg = load_config(args.config, args.overrides)
   t = cfg.train
   mesh = shd.single_device_mesh()

@@ -115,6 +115,9 @@ class MeshConfig:
   expert: int = 1
   context: int = 1
   tensor: int = 1
+  # Token layout when the sequence is split over 'context' (ring attention):
+  # 'zigzag' | 'striped' | 'contiguous' (gemjax/parallel/layouts.py).
+  context_layout: str = 'zigzag'
   # Data-parallel replicas across slices (DCN); 1 = a single slice.
   dcn_data: int = 1
   # Multi-host: call jax.distributed.initialize() before anything else.
@@ -170,11 +173,19 @@ class DatasetConfig:
   # ArrayRecord shards (glob/prefix/dir), a folder, a .jsonl manifest, or 'tfds:NAME'.
   path: str = ''
   weight: float = 1.0
-  # 'auto' | 'array_record' | 'folder' | 'jsonl' | 'tfds'
+  # 'auto' | 'array_record' | 'folder' | 'jsonl' | 'tfds' | 'pairs'
   kind: str = 'auto'
   # TFDS split / data_dir (TFDS only).
   split: str = 'train'
   data_dir: str = ''
+  # kind 'pairs' (gemjax/data/pairs.py): matching examples composed on the fly
+  # from `path` and `pair_with` (same split), half with equal meta[pair_label].
+  pair_with: str = ''
+  pair_label: str = 'digit'
+  pair_prompt: str = ''
+  pair_task: str = 'match'
+  # Distinct pairs per epoch; 0 = len(path) x len(pair_with).
+  pair_size: int = 0
 
 
 @dataclasses.dataclass
@@ -220,6 +231,10 @@ class EvalConfig:
   max_records: int = 0
   # Where the report goes; '' = <checkpoint run dir>/eval.
   out_dir: str = ''
+  # Passkey grid (data.source='passkey'): row lengths in bytes
+  # ([] = train.seq_len x 1, 2, 4, 8) and rows per (depth, length) cell.
+  passkey_lengths: list[int] = dataclasses.field(default_factory=list)
+  passkey_samples: int = 16
 
 
 @dataclasses.dataclass
@@ -410,6 +425,9 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
           f'must divide model.num_heads={m.num_heads} (grouped-query attention)')
   if m.head_dim % 2:
     _fail('model.head_dim', m.head_dim, 'must be even (rotary embeddings rotate pairs)')
+  from gemjax.parallel.layouts import LAYOUTS  # numpy only
+  if cfg.mesh.context_layout not in LAYOUTS:
+    _fail('mesh.context_layout', cfg.mesh.context_layout, f'one of {LAYOUTS}')
   if len(m.mrope_sections) != 3 or min(m.mrope_sections) < 0 or sum(m.mrope_sections) == 0:
     _fail('model.mrope_sections', m.mrope_sections,
           'three non-negative weights for the (t, h, w) rotary sections')
@@ -484,4 +502,9 @@ def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
   if cfg.train.seq_len % sizes['context']:
     _fail('train.seq_len', cfg.train.seq_len,
           f"must be divisible by mesh.context={sizes['context']}")
+  if sizes['context'] > 1 and cfg.mesh.context_layout == 'zigzag' and \
+      cfg.train.seq_len % (2 * sizes['context']):
+    _fail('train.seq_len', cfg.train.seq_len,
+          f"must be divisible by 2 * mesh.context={2 * sizes['context']} for "
+          "mesh.context_layout='zigzag' (or use 'striped')")
   return sizes

@@ -22,6 +22,7 @@ def test_presets_load_and_overrides_apply():
     ('model.remat=sometimes', r"model.remat='sometimes' is invalid: one of \('none'"),
     ('model.attention=dence', r"model.attention='dence' is invalid: .*did you mean 'dense'"),
     ('data.source=synthetc', r"data.source='synthetc' is invalid: .*did you mean 'synthetic'"),
+    ('mesh.context_layout=zigzg', r"mesh.context_layout='zigzg' is invalid: one of \('contiguous', 'zigzag', 'striped'\)"),
     ('model', r"must look like 'section.key=value'"),
     ('model=3', r"'model' is a section"),
 ])
@@ -43,6 +44,15 @@ def test_mesh_errors_name_axes_and_device_count():
   cfg = load_config(None, ['train.batch_size=4', 'mesh.data=8'])
   with pytest.raises(ConfigError, match=r'train.batch_size=4 is invalid: must be divisible by the batch shards'):
     validate(cfg, num_devices=8)
+
+
+def test_zigzag_layout_needs_two_chunks_per_context_shard():
+  cfg = load_config(None, ['mesh.data=2', 'mesh.context=4', 'train.seq_len=20'])
+  with pytest.raises(ConfigError, match=r"train.seq_len=20 is invalid: must be divisible by "
+                                        r"2 \* mesh.context=8 for mesh.context_layout='zigzag'"):
+    validate(cfg, num_devices=8)
+  validate(load_config(None, ['mesh.data=2', 'mesh.context=4', 'train.seq_len=20',
+                              'mesh.context_layout=striped']), num_devices=8)
 
 
 def test_yaml_errors_name_the_file(tmp_path):

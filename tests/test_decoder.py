@@ -1,6 +1,7 @@
 """Decoder structure: scan keeps the program size flat in depth; remat is exact."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -55,3 +56,21 @@ def test_unscanned_and_untied_variants_match_or_run():
   assert 'head_DxV' in params_t
   loss, _ = fn_t(params_t, batch_t)
   assert np.isfinite(float(loss))
+
+
+def test_weight_decay_skips_stacked_norm_scales():
+  """Scanned layers stack a norm scale into [layers, D]: still not decayed."""
+  import optax
+  from gemjax.config import OptimizerConfig
+  from gemjax.train.state import make_optimizer
+  params = {'layers': {'attn_norm': {'scale': jnp.ones((3, 8))},
+                       'mlp': {'w_up_DxF': jnp.ones((3, 8, 16))}},
+            'final_norm': {'scale': jnp.ones((8,))}}
+  tx = make_optimizer(OptimizerConfig(learning_rate=0.1, warmup_steps=0, weight_decay=0.5,
+                                      clip_norm=1e9), 10)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(new['layers']['attn_norm']['scale'], 1.0)
+  np.testing.assert_array_equal(new['final_norm']['scale'], 1.0)
+  assert float(new['layers']['mlp']['w_up_DxF'].max()) < 1.0   # matrices decay

@@ -6,6 +6,7 @@ import pytest
 
 from gemjax.config import load_config
 from gemjax.data.registry import make_iterator
+from gemjax.parallel import layouts
 from gemjax.parallel import sharding as shd
 from gemjax.train import state as S
 
@@ -15,8 +16,8 @@ TINY = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=4',
 ATOL = 1e-5  # f32 with matmul precision 'highest': sharded sums reorder adds only
 
 
-def _one_step(mesh_sizes):
-  cfg = load_config(None, TINY)
+def _one_step(mesh_sizes, extra=()):
+  cfg = load_config(None, TINY + list(extra))
   mdef = S.model_def(cfg.model)
   tx = S.make_optimizer(cfg.optimizer, 10)
   n = int(np.prod(list(mesh_sizes.values())))
@@ -24,6 +25,8 @@ def _one_step(mesh_sizes):
   mesh = shd.make_mesh(full, devices=jax.devices()[:n])
   state = S.init_state(cfg.model, mdef, tx, mesh, seed=0)
   batch = next(make_iterator(cfg, 'train'))
+  if mesh_sizes.get('context', 1) > 1:   # what the Trainer does (mesh.context_layout)
+    batch = layouts.apply_layout(batch, cfg.mesh.context_layout, mesh_sizes['context'])
   bshards = S.batch_shardings(mesh, {k: v.ndim for k, v in batch.items()})
 
   def grads_fn(params, batch):
@@ -41,12 +44,14 @@ def reference():
   return _one_step({})
 
 
-@pytest.mark.parametrize('mesh_sizes', [
-    {'data': 8}, {'fsdp': 8}, {'data': 2, 'fsdp': 2, 'tensor': 2}],
-    ids=['data8', 'fsdp8', 'data2_fsdp2_tensor2'])
-def test_sharded_loss_and_grads_match_single_device(reference, mesh_sizes):
+@pytest.mark.parametrize('mesh_sizes,extra', [
+    ({'data': 8}, ()), ({'fsdp': 8}, ()), ({'data': 2, 'fsdp': 2, 'tensor': 2}, ()),
+    # Ring attention over 'context' on zigzag-laid-out rows vs the unpermuted 1-device step.
+    ({'data': 2, 'context': 4}, ('model.attention=ring', 'model.attention_block=4'))],
+    ids=['data8', 'fsdp8', 'data2_fsdp2_tensor2', 'data2_context4_ring_zigzag'])
+def test_sharded_loss_and_grads_match_single_device(reference, mesh_sizes, extra):
   ref_loss, ref_grads, _ = reference
-  loss, grads, params = _one_step(mesh_sizes)
+  loss, grads, params = _one_step(mesh_sizes, extra)
   assert abs(loss - ref_loss) <= ATOL
   flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
   flat = dict(jax.tree_util.tree_leaves_with_path(grads))

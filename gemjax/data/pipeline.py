@@ -64,10 +64,13 @@ class DatasetSpec:
     path: ArrayRecord shards (glob, prefix, directory or file), a folder of
       files, a .jsonl manifest, or a TFDS name ('tfds:NAME' with kind 'auto').
     weight: relative share of examples drawn from this dataset (> 0).
-    kind: 'auto' | 'array_record' | 'folder' | 'jsonl' | 'tfds'.
+    kind: 'auto' | 'array_record' | 'folder' | 'jsonl' | 'tfds' | 'pairs'.
     split: the TFDS split (TFDS only).
     data_dir: the TFDS data_dir (TFDS only).
     convert: TFDS example -> record dict (TFDS only; must be picklable).
+    pair_with, pair_label, pair_prompt, pair_task, pair_size, seed: kind
+      'pairs' only: matching records composed from `path` x `pair_with`
+      (`gemjax.data.pairs.MatchPairsSource`).
   """
 
   path: str
@@ -76,8 +79,22 @@ class DatasetSpec:
   split: str = 'train'
   data_dir: str | None = None
   convert: Callable[[Mapping[str, Any]], dict] | None = None
+  pair_with: str = ''
+  pair_label: str = 'digit'
+  pair_prompt: str = ''
+  pair_task: str = 'match'
+  pair_size: int = 0
+  seed: int = 0
 
   def open(self):
+    if self.kind == 'pairs':
+      from gemjax.data.pairs import MatchPairsSource
+      if not self.pair_with:
+        raise ConfigError(f"dataset {self.path!r}: kind 'pairs' needs pair_with")
+      return MatchPairsSource(sources.open_source('auto', self.path),
+                              sources.open_source('auto', self.pair_with),
+                              label_key=self.pair_label, prompt=self.pair_prompt,
+                              size=self.pair_size, seed=self.seed, task=self.pair_task)
     return sources.open_source(self.kind, self.path, split=self.split,
                                data_dir=self.data_dir, convert=self.convert)
 

@@ -72,7 +72,10 @@ def data_settings(cfg, split: str):
   d = cfg.data
   specs = d.datasets if split == 'train' else (d.eval_datasets or d.datasets)
   datasets = tuple(pipeline.DatasetSpec(path=s.path, weight=s.weight, kind=s.kind,
-                                        split=s.split, data_dir=s.data_dir or None)
+                                        split=s.split, data_dir=s.data_dir or None,
+                                        pair_with=s.pair_with, pair_label=s.pair_label,
+                                        pair_prompt=s.pair_prompt, pair_task=s.pair_task,
+                                        pair_size=s.pair_size, seed=cfg.train.seed)
                    for s in specs)
   budgets = {m: n for m, n in (('image', d.image_patches), ('audio', d.audio_patches),
                                ('video', d.video_patches)) if n > 0}

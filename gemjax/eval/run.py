@@ -171,6 +171,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        batch_size=cfg.eval.task_batch_size,
                                        max_records=cfg.eval.max_records)
       report['tasks'] = tasks
+    passkey = None
+    if cfg.data.source == 'passkey':
+      from gemjax.eval import passkey as passkey_lib
+      lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len * f for f in (1, 2, 4, 8)]
+      passkey = passkey_lib.evaluate_passkey(
+          params, mdef, lengths=lengths, samples=cfg.eval.passkey_samples, mesh=mesh,
+          out_dir=out_dir if jax.process_index() == 0 else None,
+          train_length=cfg.train.seq_len)
+      report['passkey'] = {'depths': passkey['depths'], 'lengths': passkey['lengths'],
+                           'exact_match': np.asarray(passkey['exact_match']).tolist()}
   except GemjaxError as e:
     log.error('%s', e)
     return 2
@@ -192,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           period=len(registry.layer_plan(cfg.model)))
       plots.append(moe_plots.plot_expert_load(load, os.path.join(out_dir, 'expert_load.png'),
                                               layers=layers))
+    if passkey is not None:
+      plots += [p for p in passkey['files'] if p.endswith('.png')]
+      print('passkey exact match (rows: depth, columns: length in bytes):')
+      print(passkey['markdown'])
     md = tasks_lib.write_task_report(out_dir, f'Evaluation of {step_dir}', report, tasks, plots)
     if tasks:
       print('task accuracy (exact match of the answer, test split):')

@@ -29,6 +29,7 @@ from gemjax import config as config_lib
 from gemjax.data import registry as data_registry
 from gemjax.errors import CheckpointError, GemjaxError
 from gemjax.model import flops as flops_lib
+from gemjax.parallel import layouts
 from gemjax.parallel import sharding as shd
 from gemjax.train import checkpoint as ckpt_lib
 from gemjax.train import metrics as metrics_lib
@@ -118,6 +119,12 @@ class Trainer:
     step_fn = state_lib.make_train_step(mdef, tx, cfg.model, schedule)
     return cls(cfg, mesh, mdef, tx, state, step_fn, None, data_iter, checkpointer, start)
 
+  def _lay_out(self, batch: dict) -> dict:
+    """Balances causal work over the 'context' axis (ring attention): every
+    per-token array is permuted by mesh.context_layout before it is split."""
+    n = self.mesh.shape['context']
+    return batch if n == 1 else layouts.apply_layout(batch, self.cfg.mesh.context_layout, n)
+
   def _jitted(self, batch: dict):
     if self.batch_shards is None:
       self.batch_shards = state_lib.batch_shardings(self.mesh, {k: v.ndim for k, v in batch.items()})
@@ -157,7 +164,7 @@ class Trainer:
             self.save(step, force=True)
             self.checkpointer.wait()
             break
-          batch = next(self.data_iter)
+          batch = self._lay_out(next(self.data_iter))
           step_fn = self._jitted(batch)
           self.state, metrics = step_fn(self.state, state_lib.to_global(batch, self.batch_shards))
           step += 1

@@ -76,9 +76,14 @@ def lr_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
       end_value=opt_cfg.learning_rate * opt_cfg.min_lr_ratio)
 
 
+NO_DECAY_NAMES = ('scale', 'memory_gate')
+
+
 def _decay_mask(params) -> Any:
-  """Weight decay on matrices only: not on norm scales, biases or gates."""
-  return jax.tree.map(lambda p: p.ndim >= 2 and p.shape[-1] > 1, params)
+  """Weight decay on matrices only: not on norm scales or gates, whose names
+  decide (a scale stacked over scanned layers is 2-D but still a scale)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and _leaf_name(path) not in NO_DECAY_NAMES, params)
 
 
 def _leaf_name(path) -> str:
