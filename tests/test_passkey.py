@@ -69,3 +69,21 @@ def test_evaluate_writes_table_and_heatmap(tmp_path):
   assert '| depth \\ length | 128* | 160 |' in res['markdown']
   assert all(os.path.getsize(f) > 0 for f in res['files'])
   assert res['files'][1].endswith('.png')
+
+
+def test_train_then_eval_py_writes_the_passkey_grid(tmp_path, capsys):
+  """The passkey preset through the real CLIs: train.py then eval.py."""
+  from gemjax.eval import run as eval_run
+  from gemjax.train import loop
+  run_dir = str(tmp_path / 'run')
+  tiny = ['model.num_layers=1', 'model.d_model=32', 'model.num_heads=2', 'model.num_kv_heads=2',
+          'model.head_dim=16', 'model.mlp_dim=64', 'train.seq_len=128', 'train.batch_size=8',
+          'train.steps=2', f'train.run_dir={run_dir}', 'train.progress_bar=false',
+          'train.tensorboard=false', 'checkpoint.every=2']
+  assert loop.main(['configs/passkey.yaml', *tiny]) == 0
+  assert eval_run.main(['configs/passkey.yaml', *tiny, 'eval.batches=1',
+                        'eval.passkey_lengths=[128,160]', 'eval.passkey_samples=2']) == 0
+  out = capsys.readouterr().out
+  assert 'passkey exact match' in out and '| depth \\ length | 128* | 160 |' in out
+  for name in ('passkey.md', 'passkey.png', 'report.md', 'eval.json'):
+    assert os.path.exists(os.path.join(run_dir, 'eval', name)), name

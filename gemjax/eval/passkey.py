@@ -15,6 +15,7 @@ Imports jax, numpy, gemjax.data.passkey, the model; matplotlib lazily.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
@@ -72,12 +73,16 @@ def evaluate_passkey(params, mdef, *, lengths: Sequence[int],
         batch = pk.passkey_batch(rng, n, length, depth=depth, digits=digits)
         if mesh is not None:
           from gemjax.train.state import batch_shardings, to_global
+          # Pad the rows to a multiple of the batch shards; padded rows are not counted.
+          rows = math.prod(mesh.shape[a] for a in shd.BATCH_AXES if a in mesh.shape)
+          pad = -n % rows
+          batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
           shards = batch_shardings(mesh, {k: v.ndim for k, v in batch.items()})
           with shd.use_mesh(mesh):
             ok, _ = forward(params, to_global(batch, shards))
         else:
           ok, _ = forward(params, batch)
-        hits += int(np.asarray(ok).sum())
+        hits += int(np.asarray(ok)[:n].sum())
       grid[i, j] = hits / samples
   table = markdown_table(grid, depths, lengths, train_length=train_length)
   result = {'depths': list(depths), 'lengths': list(lengths), 'exact_match': grid,
