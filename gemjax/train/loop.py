@@ -153,7 +153,7 @@ class Trainer:
       bar = tqdm(total=t.steps, initial=self.start_step, desc='train', dynamic_ncols=True)
     nonfinite_run, nonfinite_total = 0, 0
     pending = None   # (step, metrics) of the last dispatched step
-    window_t0, window_steps = time.perf_counter(), 0
+    window_t0, window_steps, window_sum = time.perf_counter(), 0, None
     exit_code = 0
     step = self.start_step
     try:
@@ -177,13 +177,15 @@ class Trainer:
               exit_code = EXIT_NONFINITE
               break
           pending = (step, metrics)
+          window_sum = _accumulate(window_sum, metrics)
           self.save(step)
           if bar is not None:
             bar.update(1)
           if step % t.log_every == 0 or step == t.steps:
             jax.block_until_ready(metrics)
             elapsed = time.perf_counter() - window_t0
-            summary = metrics_lib.summarize(jax.device_get(metrics))
+            summary = metrics_lib.summarize(_window_mean(jax.device_get(window_sum),
+                                                         jax.device_get(metrics), window_steps))
             step_time = elapsed / window_steps
             summary.update(step_time_s=step_time,
                            tokens_per_s=t.batch_size * t.seq_len / step_time,
@@ -197,7 +199,7 @@ class Trainer:
               bar.write(msg)
             else:
               log.info(msg)
-            window_t0, window_steps = time.perf_counter(), 0
+            window_t0, window_steps, window_sum = time.perf_counter(), 0, None
         if pending is not None and exit_code == 0:
           nonfinite_run, nonfinite_total, stop = self._check_finite(
               pending, nonfinite_run, nonfinite_total)
@@ -223,6 +225,28 @@ class Trainer:
     log.warning('step %d: non-finite loss/gradient (loss=%s); update skipped '
                 '(%d in a row, %d total)', step, np.asarray(metrics['loss']), run, total)
     return run, total, run >= self.cfg.train.max_nonfinite_steps
+
+
+def _accumulate(total, metrics):
+  """Running sum of a step's float metrics, on device (no host sync)."""
+  if total is None:
+    return metrics
+  return jax.tree.map(lambda a, b: a + b if jax.numpy.issubdtype(a.dtype, jax.numpy.floating)
+                      else b, total, metrics)
+
+
+def _window_mean(total, last, steps: int) -> dict:
+  """Metrics logged for a window of steps: means of the per-step values;
+  token-weighted sums (`*_sum/*`) stay sums (their ratios are the means);
+  the learning rate is the last step's."""
+  out = {}
+  for k, v in total.items():
+    if k.endswith('learning_rate') or '_sum' in k or not np.issubdtype(np.asarray(v).dtype,
+                                                                        np.floating):
+      out[k] = v if '_sum' in k else last[k]
+    else:
+      out[k] = np.asarray(v) / steps
+  return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
