@@ -139,9 +139,10 @@ class MoE(nnx.Module):
   def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo | None = None):
     B, T, _ = x_BxTxD.shape
     E, cd = self.num_experts, self.compute_dtype
-    logits_BxTxE = jnp.einsum('btd,de->bte', x_BxTxD.astype(jnp.float32),
-                              self.router_DxE[...].astype(jnp.float32),
-                              precision=jax.lax.Precision.HIGHEST)
+    # Flattened tokens: one 2-D matmul (see layers.project), router in f32.
+    logits_BxTxE = jnp.dot(x_BxTxD.reshape(B * T, -1).astype(jnp.float32),
+                           self.router_DxE[...].astype(jnp.float32),
+                           precision=jax.lax.Precision.HIGHEST).reshape(B, T, E)
     logits_BxTxE = constrain(logits_BxTxE, ('batch', 'length', None))
     expert_BxTxK, gate_BxTxK, probs_BxTxE = top_k_routing(
         logits_BxTxE, self.top_k, renormalize=self.renormalize)
