@@ -217,6 +217,9 @@ class DataConfig:
   loss_weight_image_code: float = 1.0
   # 'skip' (count + log) or 'strict' (raise naming source and index).
   bad_records: str = 'skip'
+  # Per-process LRU cache of tokenized media (MB; 0 = off): a small corpus
+  # seen for many epochs is decoded once. Same tokens either way.
+  media_cache_mb: float = 0
   num_workers: int = 0
 
 

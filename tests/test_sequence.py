@@ -327,3 +327,24 @@ def test_builder_rejects_mismatched_time_units():
                     video=VideoTokenizer())
   with pytest.raises(ValueError, match='loss_weights'):
     SequenceBuilder(ByteTokenizer(), loss_weights={'smell': 1.0})
+
+
+def test_media_cache_gives_identical_examples_and_evicts_to_its_budget():
+  rec = {'segments': [{'kind': 'image', 'data': png(28, 42), 'predict': False},
+                      {'kind': 'audio', 'data': wav(0.5), 'predict': False},
+                      {'kind': 'video', 'data': mp4_with_audio(2), 'predict': False},
+                      {'kind': 'text', 'text': 'same?', 'predict': True}]}
+  plain = SequenceBuilder(ByteTokenizer())
+  cached = SequenceBuilder(ByteTokenizer(), media_cache_mb=64)
+  want = plain.build(rec)
+  for _ in range(2):                       # miss, then hit
+    got = cached.build(rec)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert len(cached._cache) == 3
+  # A clone for a worker process starts empty; a tiny budget keeps one entry.
+  assert len(pickle.loads(pickle.dumps(cached))._cache) == 0
+  tiny = SequenceBuilder(ByteTokenizer(), media_cache_mb=1e-6)
+  tiny.build(rec)
+  assert len(tiny._cache) == 1

@@ -64,7 +64,8 @@ def sequence_builder(cfg):
                          image=ImageTokenizer(patch_size=d.image_patch_size,
                                               max_tokens=d.video_frame_tokens))
   weights = {'text': d.loss_weight_text, 'image_code': d.loss_weight_image_code}
-  return SequenceBuilder(text, image=image, audio=audio, video=video, loss_weights=weights)
+  return SequenceBuilder(text, image=image, audio=audio, video=video, loss_weights=weights,
+                         media_cache_mb=d.media_cache_mb)
 
 
 def data_settings(cfg, split: str):

@@ -65,6 +65,9 @@ gemjax.tokenizers; no JAX.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -166,6 +169,20 @@ class _Sequence:
     return out
 
 
+def _arrays(obj) -> list[np.ndarray]:
+  """The numpy arrays held by a tokens dataclass (one level of nesting)."""
+  out = []
+  for v in vars(obj).values():
+    if isinstance(v, np.ndarray):
+      out.append(v)
+    elif isinstance(v, (list, tuple)):
+      out.extend(x for x in v if isinstance(x, np.ndarray))
+      out.extend(a for x in v if dataclasses.is_dataclass(x) for a in _arrays(x))
+    elif dataclasses.is_dataclass(v):
+      out.extend(_arrays(v))
+  return out
+
+
 def _audio_positions(st: int, audio: AudioTokens) -> np.ndarray:
   t = st + audio.time_positions
   b = st + audio.bands
@@ -197,7 +214,7 @@ class SequenceBuilder:
                video: VideoTokenizer | None = None,
                loss_weights: Mapping[str, float] | None = None,
                add_bos: bool = True, add_eos: bool = True,
-               max_length: int | None = None):
+               max_length: int | None = None, media_cache_mb: float = 0):
     self.text = text_tokenizer
     self.layout: VocabLayout = text_tokenizer.layout
     self.image = image or ImageTokenizer()
@@ -219,6 +236,37 @@ class SequenceBuilder:
     self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
     self.add_bos, self.add_eos = add_bos, add_eos
     self.max_length = max_length
+    # Tokenized media by content, least recently used first out: a small
+    # corpus seen for many epochs (or composed pairs reusing the same clips)
+    # decodes each file once per process. 0 = off.
+    self.media_cache_mb = media_cache_mb
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+    self._cache_bytes = 0
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_cache'], state['_cache_bytes'] = collections.OrderedDict(), 0   # per process
+    return state
+
+  def _tokenize(self, kind: str, fn, data, *args, **kwargs):
+    """fn(data, ...) through the media cache (identical results, decoded once)."""
+    if self.media_cache_mb <= 0 or not isinstance(data, bytes):
+      return fn(data, *args, **kwargs)
+    key = (kind, data, tuple(sorted(kwargs.items())))
+    hit = self._cache.get(key)
+    if hit is not None:
+      self._cache.move_to_end(key)
+      return hit
+    tokens = fn(data, *args, **kwargs)
+    size = len(data) + sum(v.nbytes for v in _arrays(tokens))
+    for v in _arrays(tokens):
+      v.flags.writeable = False          # shared between examples: never mutated
+    self._cache[key] = tokens
+    self._cache_bytes += size
+    while self._cache_bytes > self.media_cache_mb * 2 ** 20 and len(self._cache) > 1:
+      (_, old_data, _), old = self._cache.popitem(last=False)
+      self._cache_bytes -= len(old_data) + sum(v.nbytes for v in _arrays(old))
+    return tokens
 
   @property
   def patch_dims(self) -> dict[str, int]:
@@ -283,7 +331,7 @@ class SequenceBuilder:
     seq.text_like(self.text.encode(seg['text'], source=source), w)
 
   def _add_image(self, seq: _Sequence, seg, w: float, source: str):
-    tokens = self.image.tokenize(seg['data'], source)
+    tokens = self._tokenize('image', self.image.tokenize, seg['data'], source)
     seq.text_like([self.layout.begin_image], w)
     st = seq.next_pos
     seq.patch_block('image', tokens.patches, _grid_positions(st, 0, tokens.positions),
@@ -291,14 +339,16 @@ class SequenceBuilder:
     seq.text_like([self.layout.end_image], w)
 
   def _add_audio(self, seq: _Sequence, seg, w: float, source: str):
-    tokens = self.audio.tokenize(seg['data'], source, sample_rate=seg.get('sample_rate'))
+    tokens = self._tokenize('audio', self.audio.tokenize, seg['data'], source,
+                            sample_rate=seg.get('sample_rate'))
     seq.text_like([self.layout.begin_audio], w)
     seq.patch_block('audio', tokens.patches, _audio_positions(seq.next_pos, tokens),
                     seq.new_block())
     seq.text_like([self.layout.end_audio], w)
 
   def _add_video(self, seq: _Sequence, seg, w: float, source: str):
-    video = self.video.tokenize(seg['data'], source, frame_rate=seg.get('frame_rate'))
+    video = self._tokenize('video', self.video.tokenize, seg['data'], source,
+                           frame_rate=seg.get('frame_rate'))
     seq.text_like([self.layout.begin_video], w)
     st = seq.next_pos
     tau = video.time_positions
