@@ -17,7 +17,7 @@ position work unchanged; `size` sets how many distinct pairs form one epoch.
 Pair only datasets of the same split: the composed examples inherit the
 split's sources (no image or voice crosses splits).
 
-Imports numpy and gemjax.data.{records, sources}.
+Imports numpy, gemjax.data.records and gemjax.errors.
 """
 
 from __future__ import annotations

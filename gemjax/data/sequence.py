@@ -256,16 +256,16 @@ class SequenceBuilder:
     hit = self._cache.get(key)
     if hit is not None:
       self._cache.move_to_end(key)
-      return hit
+      return hit[0]
     tokens = fn(data, *args, **kwargs)
-    size = len(data) + sum(v.nbytes for v in _arrays(tokens))
-    for v in _arrays(tokens):
+    arrays = _arrays(tokens)
+    for v in arrays:
       v.flags.writeable = False          # shared between examples: never mutated
-    self._cache[key] = tokens
+    size = len(data) + sum(v.nbytes for v in arrays)
+    self._cache[key] = (tokens, size)
     self._cache_bytes += size
     while self._cache_bytes > self.media_cache_mb * 2 ** 20 and len(self._cache) > 1:
-      (_, old_data, _), old = self._cache.popitem(last=False)
-      self._cache_bytes -= len(old_data) + sum(v.nbytes for v in _arrays(old))
+      self._cache_bytes -= self._cache.popitem(last=False)[1][1]
     return tokens
 
   @property

@@ -23,6 +23,7 @@ import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gemjax import config as config_lib
@@ -231,19 +232,20 @@ def _accumulate(total, metrics):
   """Running sum of a step's float metrics, on device (no host sync)."""
   if total is None:
     return metrics
-  return jax.tree.map(lambda a, b: a + b if jax.numpy.issubdtype(a.dtype, jax.numpy.floating)
-                      else b, total, metrics)
+  return jax.tree.map(lambda a, b: a + b if jnp.issubdtype(a.dtype, jnp.floating) else b,
+                      total, metrics)
 
 
 def _window_mean(total, last, steps: int) -> dict:
   """Metrics logged for a window of steps: means of the per-step values;
   token-weighted sums (`*_sum/*`) stay sums (their ratios are the means);
-  the learning rate is the last step's."""
+  the learning rate and non-float values are the last step's."""
   out = {}
   for k, v in total.items():
-    if k.endswith('learning_rate') or '_sum' in k or not np.issubdtype(np.asarray(v).dtype,
-                                                                        np.floating):
-      out[k] = v if '_sum' in k else last[k]
+    if '_sum' in k:
+      out[k] = v
+    elif k.endswith('learning_rate') or not np.issubdtype(np.asarray(v).dtype, np.floating):
+      out[k] = last[k]
     else:
       out[k] = np.asarray(v) / steps
   return out
