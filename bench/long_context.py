@@ -107,7 +107,7 @@ def worker_nano_step(S: int) -> dict:
   import jax
   import numpy as np
   from gemjax.config import ModelConfig, OptimizerConfig
-  from gemjax.data.batch import text_batch
+  from gemjax.batch import text_batch
   from gemjax.parallel import layouts, sharding as shd
   from gemjax.train import state as st
 

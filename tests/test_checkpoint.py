@@ -11,7 +11,7 @@ import pytest
 from gemjax.config import load_config
 from gemjax.data import registry as data_registry
 from gemjax.data import simple
-from gemjax.data.batch import text_batch
+from gemjax.batch import text_batch
 from gemjax.errors import CheckpointError
 from gemjax.train import checkpoint as ckpt_lib
 from gemjax.train.loop import EXIT_NONFINITE, Trainer

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gemjax.config import load_config
-from gemjax.data.batch import IMAGE, AUDIO, text_batch
+from gemjax.batch import IMAGE, AUDIO, text_batch
 from gemjax.model.attention import dense_attention, visible_mask
 from gemjax.model.embed import gather_slots, scatter_slots
 from gemjax.model.layers import SequenceInfo, apply_rope

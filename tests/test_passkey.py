@@ -8,7 +8,7 @@ import pytest
 
 from gemjax.config import ModelConfig, OptimizerConfig
 from gemjax.data import passkey as pk
-from gemjax.data.batch import validate_batch
+from gemjax.batch import validate_batch
 from gemjax.eval import passkey as pk_eval
 from gemjax.parallel import sharding as shd
 from gemjax.train import state as st

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from gemjax.data import batch as batch_lib
+from gemjax import batch as batch_lib
 from gemjax.data import packing, pipeline, records
 from gemjax.data.sequence import SequenceBuilder
 from gemjax.errors import BadInputError

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from gemjax.config import ModelConfig
-from gemjax.data.batch import text_batch
+from gemjax.batch import text_batch
 from gemjax.model.attention import ATTENTION_KERNELS
 from gemjax.model.decoder import Decoder
 from gemjax.model.layers import SequenceInfo

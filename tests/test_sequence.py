@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from gemjax.data.batch import AUDIO, IMAGE, IMAGE_CODE, TEXT, VIDEO, validate_batch
+from gemjax.batch import AUDIO, IMAGE, IMAGE_CODE, TEXT, VIDEO, validate_batch
 from gemjax.data.sequence import SequenceBuilder, collate
 from gemjax.errors import BadInputError
 from gemjax.tokenizers.audio import AudioTokenizer

@@ -1,7 +1,7 @@
 """Packing: many variable-length examples -> fixed-length rows [T], checkpointably.
 
 This room turns the unbatched examples of the sequence builder into rows of
-the batch contract (`gemjax.data.batch`) and stacks rows into batches. An
+the batch contract (`gemjax.batch`) and stacks rows into batches. An
 example is::
 
   tokens[L] int32, modality[L] int8, positions[L, 3] int32, block_ids[L] int32,
@@ -36,7 +36,7 @@ Items that the decode step marked bad (`{'_bad': where, ...}`) are counted,
 never packed; the counts ride on the first row of the window under `_stats`
 and `batch_rows` sums them per batch (`gemjax.data.pipeline` strips them off).
 
-Imports numpy, grain, gemjax.data.batch, gemjax.errors.
+Imports numpy, grain, gemjax.batch, gemjax.errors.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import grain
 import numpy as np
 
-from gemjax.data import batch as batch_lib
+from gemjax import batch as batch_lib
 from gemjax.errors import BadInputError
 
 EXAMPLE_KEYS = ('tokens', 'modality', 'positions', 'block_ids', 'targets',

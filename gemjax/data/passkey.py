@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from gemjax.data.batch import text_batch
+from gemjax.batch import text_batch
 from gemjax.data.simple import StepIterator, process_rows
 
 FILLER = ('The grass is green. The sky is blue. The sun is yellow. '

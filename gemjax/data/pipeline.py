@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Protocol
 import grain
 import numpy as np
 
-from gemjax.data import batch as batch_lib
+from gemjax import batch as batch_lib
 from gemjax.data import packing
 from gemjax.data import records
 from gemjax.data import sources

@@ -57,9 +57,9 @@ Continuous inputs, per modality m in (image, audio, video), always present:
   packing concatenates them, adds segment_ids and offsets the slots.
 
 `collate` pads a list of examples (one per row, no packing) to a fixed T and
-fixed per-modality patch budgets: the batch contract of gemjax/data/batch.py.
+fixed per-modality patch budgets: the batch contract of gemjax/batch.py.
 
-This module imports numpy, gemjax.errors, gemjax.data.batch and
+This module imports numpy, gemjax.errors, gemjax.batch and
 gemjax.tokenizers; no JAX.
 """
 
@@ -72,7 +72,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from gemjax.data.batch import (AUDIO, CONTINUOUS_MODALITIES, IMAGE, IMAGE_CODE, TEXT,
+from gemjax.batch import (AUDIO, CONTINUOUS_MODALITIES, IMAGE, IMAGE_CODE, TEXT,
                                VIDEO, patch_keys, validate_batch)
 from gemjax.errors import BadInputError
 from gemjax.tokenizers.audio import AudioTokenizer, AudioTokens

@@ -6,7 +6,7 @@ the batches an uninterrupted run would, and two processes never draw the same
 rows. Their iterator state is just the next step, saved as JSON bytes in the
 form Grain's Orbax checkpoint handler expects.
 
-Imports numpy and `gemjax.data.batch` only.
+Imports numpy and `gemjax.batch` only.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from gemjax.data.batch import text_batch
+from gemjax.batch import text_batch
 from gemjax.errors import ConfigError
 
 

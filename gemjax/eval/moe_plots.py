@@ -11,7 +11,7 @@ repeats: `aux/moe_load_by_modality/block{i}` with shape [G, M, E], layer
 A collapsed router shows as one bright column; modality-specialised experts as
 columns that light up in one panel only.
 
-Imports numpy, matplotlib (Agg canvas, no pyplot state) and gemjax.data.batch.
+Imports numpy, matplotlib (Agg canvas, no pyplot state) and gemjax.batch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from gemjax.data.batch import MODALITY_NAMES
+from gemjax.batch import MODALITY_NAMES
 _KEY = re.compile(r'(?:^|/)moe_load_by_modality/block(\d+)$')
 
 

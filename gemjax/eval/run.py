@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from gemjax import config as config_lib
 from gemjax.data import registry as data_registry
-from gemjax.data.batch import MODALITY_NAMES
+from gemjax.batch import MODALITY_NAMES
 from gemjax.errors import GemjaxError
 from gemjax.parallel import sharding as shd
 from gemjax.train import checkpoint as ckpt_lib

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from gemjax.data import records as records_lib
-from gemjax.data.batch import MODALITY_NAMES
+from gemjax.batch import MODALITY_NAMES
 from gemjax.errors import BadInputError
 from gemjax.parallel import sharding as shd
 from gemjax.train import state as state_lib

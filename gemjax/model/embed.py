@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemjax.data.batch import CONTINUOUS_MODALITIES, MODALITY_NAMES, patch_keys
+from gemjax.batch import CONTINUOUS_MODALITIES, MODALITY_NAMES, patch_keys
 from gemjax.model.layers import RMSNorm, SequenceInfo, fan_in_std, param
 from gemjax.parallel.sharding import constrain
 

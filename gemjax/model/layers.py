@@ -18,7 +18,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 
 
 class SequenceInfo(NamedTuple):
-  """Per-token side arrays every sublayer may need (see gemjax/data/batch.py).
+  """Per-token side arrays every sublayer may need (see gemjax/batch.py).
 
   `index_BxT` is each token's index in its row before any layout permutation
   (ring attention's zigzag); causal masks compare it, never the array order.

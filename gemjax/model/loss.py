@@ -12,7 +12,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from gemjax.data.batch import MODALITY_NAMES
+from gemjax.batch import MODALITY_NAMES
 
 
 @jax.custom_vjp

@@ -23,7 +23,7 @@ Padding tokens (segment id 0) are not routed: they take no expert capacity,
 and count in no loss or metric.
 
 Imports jax, flax, gemjax.model.{layers, mlp, registry}, gemjax.parallel and
-gemjax.data.batch (the modality names).
+gemjax.batch (the modality names).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemjax.data.batch import MODALITY_NAMES
+from gemjax.batch import MODALITY_NAMES
 from gemjax.model import registry
 from gemjax.model.layers import SequenceInfo, fan_in_std, param
 from gemjax.model.mlp import SwiGLU

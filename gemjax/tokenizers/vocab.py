@@ -12,7 +12,7 @@ The special tokens, in order from `text_size`:
     begin_video, end_video, frame_sep, placeholder, then reserved spares
 
 `placeholder` marks a position whose embedding is not looked up in the table
-but scattered in from a continuous patch embedding (see `gemjax/data/batch.py`).
+but scattered in from a continuous patch embedding (see `gemjax/batch.py`).
 Text tokenizers never emit their own bos/eos/pad: a SentencePiece model's
 control pieces stay inside the text range but gemjax uses the ids above, so a
 layout is a pure function of (text_size, num_image_codes) and the model config's
