@@ -14,7 +14,7 @@ OOM or when the measured time (or the time projected from the previous S,
 x (S'/S)^2) passes `--time-cap` seconds.
 
   dense      one device, the full [T, S] score matrix
-  blockwise  one device, chunks of 512, custom-VJP (gemjax.model.blockwise)
+  blockwise  one device, chunks of 512, custom-VJP (gemjax.kernels.flash)
   ring       8 emulated CPU devices on the 'context' axis, zigzag layout
 
 Emulated devices share this host's cores, so ring wall time is the *sum* of
@@ -60,9 +60,8 @@ def worker_attention(kernel: str, S: int, repeats: int) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from gemjax.model import registry  # noqa: F401  registers kernels
-  from gemjax.model.attention import ATTENTION_KERNELS
-  from gemjax.model.layers import SequenceInfo
+  from gemjax.model.attention import KERNELS as ATTENTION_KERNELS
+  from gemjax.model.info import SequenceInfo
   from gemjax.parallel import layouts, sharding as shd
 
   n = RING_DEVICES if kernel == 'ring' else 1

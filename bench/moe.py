@@ -58,11 +58,12 @@ def layer_breakdown(cfg, tokens_BxTxD_shape) -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from gemjax.model import moe, registry
+  from gemjax.model import moe
+  from gemjax.model.spec import decoder_spec
   from gemjax.parallel import expert as expert_lib
 
-  spec = registry.LayerSpec(attention=cfg.attention, mlp='moe')
-  layer = nnx.jit(lambda: registry.MLP['moe'](cfg, spec, rngs=nnx.Rngs(0)))()
+  spec = next(b.mlp for b in decoder_spec(cfg).period if b.is_moe)
+  layer = nnx.jit(lambda: spec.build(nnx.Rngs(0)))()
   graphdef, state = nnx.split(layer)
   x = jax.random.normal(jax.random.key(0), tokens_BxTxD_shape, jnp.float32)
   B, T, D = x.shape
@@ -117,7 +118,7 @@ def build_case(case: str, devices: int, mesh_kind: str):
   sizes = {a: getattr(cfg.mesh, a) for a in shd.MESH_AXES}
   mesh = shd.make_mesh(sizes, devices=jax.devices())
   mdef = S.model_def(cfg.model)
-  tx = S.make_optimizer(cfg.optimizer, 1000)
+  tx = S.make_optimizer(cfg.optimizer, 1000, mdef.groups)
   state = S.init_state(cfg.model, mdef, tx, mesh, 0)
   it = make_iterator(cfg, 'train')
   batches = [next(it) for _ in range(4)]
@@ -173,10 +174,10 @@ def run_devices(devices: int, steps: int, rounds: int) -> list[dict]:
     row = dict(case=r[0], devices=devices, mesh=r[1], step_ms=step_s * 1e3,
                step_ms_median=statistics.median(times[r]) * 1e3, compile_s=compile_s,
                path=cfg.model.moe.path if cfg.model.moe.num_experts else '-',
-               active_params_per_token=flops_lib.matmul_params_per_token(cfg.model),
+               active_params_per_token=flops_lib.matmul_params_per_token(mdef.spec),
                params=S.param_count(mdef), loss=float(m['loss']))
     if cfg.model.moe.num_experts:
-      n_moe = flops_lib.num_moe_layers(cfg.model)
+      n_moe = flops_lib.num_moe_layers(mdef.spec)
       row['dropped'] = float(sum(v.mean() for k, v in m.items() if 'moe_dropped' in k) / n_moe)
       row['default'] = r[0] == default
       if r[0] in parts and r[1] == 'data':

@@ -27,7 +27,6 @@ from gemjax.config import load_config
 from gemjax.data import passkey as pk
 from gemjax.data import registry as sources
 from gemjax.eval.passkey import evaluate_passkey
-from gemjax.model import infini
 from gemjax.parallel import sharding as shd
 from gemjax.train import state as st
 
@@ -45,7 +44,7 @@ def main(argv=None):
   t = cfg.train
   mesh = shd.single_device_mesh()
   mdef = st.model_def(cfg.model)
-  tx = st.make_optimizer(cfg.optimizer, t.steps, lr_multipliers=infini.lr_multipliers(cfg.model))
+  tx = st.optimizer_for(cfg, mdef)
   state = st.init_state(cfg.model, mdef, tx, mesh, t.seed)
   print(f'params: {st.param_count(mdef):,}', flush=True)
   schedule = st.lr_schedule(cfg.optimizer, t.steps)

@@ -30,6 +30,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
+from gemjax.config import DatasetConfig  # noqa: E402
 from gemjax.data import pipeline  # noqa: E402
 from gemjax.data.sequence import SequenceBuilder  # noqa: E402
 from gemjax.tokenizers.text import ByteTokenizer  # noqa: E402
@@ -77,7 +78,7 @@ def run(mixture: str, workers: int, seconds: float, seq_len: int, batch_size: in
   else:
     builder = SequenceBuilder(ByteTokenizer())
     settings = pipeline.DataSettings(
-        datasets=tuple(pipeline.DatasetSpec(os.path.join(SAMPLE, f'{task}-*'), weight=w)
+        datasets=tuple(DatasetConfig(os.path.join(SAMPLE, f'{task}-*'), weight=w)
                        for task, w in MIXTURES[mixture].items()),
         patch_budgets=BUDGETS, patch_dims=builder.patch_dims, num_workers=workers,
         worker_buffer=2, read_threads=1)

@@ -51,7 +51,7 @@ def run_case(case: str, devices: int, steps: int, extra: list[str]) -> dict:
   sizes = {a: getattr(cfg.mesh, a) for a in shd.MESH_AXES}
   mesh = shd.make_mesh(sizes, devices=jax.devices())
   mdef = S.model_def(cfg.model)
-  tx = S.make_optimizer(cfg.optimizer, 1000)
+  tx = S.make_optimizer(cfg.optimizer, 1000, mdef.groups)
   state = S.init_state(cfg.model, mdef, tx, mesh, 0)
   it = make_iterator(cfg, 'train')
   batches = [next(it) for _ in range(4)]
@@ -74,7 +74,7 @@ def run_case(case: str, devices: int, steps: int, extra: list[str]) -> dict:
     dt = (time.perf_counter() - t0) / steps
   peak_after = metrics_lib.measure_cpu_peak()
   tokens = cfg.train.batch_size * cfg.train.seq_len
-  fl = flops_lib.train_flops_per_step(cfg.model, cfg.train.batch_size, cfg.train.seq_len)
+  fl = flops_lib.train_flops_per_step(mdef.spec, cfg.train.batch_size, cfg.train.seq_len)
   return dict(case=case, devices=devices, step_ms=dt * 1e3, tokens_per_s=tokens / dt,
               model_gflop_per_step=fl / 1e9, achieved_gflops=fl / dt / 1e9,
               peak_gflops=max(peak, peak_after) / 1e9, mfu=fl / dt / max(peak, peak_after),

@@ -31,6 +31,15 @@ from gemjax.errors import ConfigError
 
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_qkv_proj')
 DTYPES = ('float32', 'bfloat16', 'float16')
+# The config language's names. The tables that implement them
+# (gemjax.model.attention.KERNELS, gemjax.data.registry.SOURCES,
+# gemjax.parallel.layouts.LAYOUTS) are checked against these by tests.
+ATTENTION_KINDS = ('blockwise', 'dense', 'ring', 'splash', 'cudnn', 'infini')
+MLP_KINDS = ('swiglu',)
+MOE_PATHS = ('auto', 'capacity', 'dropless')
+INFINI_UPDATES = ('linear', 'delta')
+CONTEXT_LAYOUTS = ('contiguous', 'zigzag', 'striped')
+DATA_SOURCES = ('synthetic', 'text_file', 'grain', 'passkey')
 
 
 @dataclasses.dataclass
@@ -251,7 +260,7 @@ class Config:
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
-MESH_AXES = ('data', 'fsdp', 'expert', 'context', 'tensor')
+from gemjax.parallel.axes import MESH_AXES  # noqa: E402  (imports nothing)
 
 
 # ------------------------------------------------------------------ loading
@@ -416,6 +425,62 @@ def _fmt(sizes: dict[str, int]) -> str:
   return ', '.join(f'{k}={v}' for k, v in sizes.items())
 
 
+def _check_name(key: str, name: str, valid: Sequence[str]) -> None:
+  if name not in valid:
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ''
+    _fail(key, name, f'one of {sorted(valid)}{hint}')
+
+
+def layer_period(m: ModelConfig) -> int:
+  """Layers in one repeat of the layer pattern (local/global x MoE every n-th)."""
+  return math.lcm(m.local_layers + 1, m.moe.moe_every if m.moe.num_experts else 1)
+
+
+def _check_layers(m: ModelConfig) -> None:
+  """The sublayer names and the layer pattern (what the decoder is built from)."""
+  _check_name('model.attention', m.attention, ATTENTION_KINDS)
+  _check_name('model.mlp', m.mlp, MLP_KINDS)
+  if m.attention_block <= 0:
+    _fail('model.attention_block', m.attention_block, 'must be a positive chunk size')
+  if m.local_layers < 0:
+    _fail('model.local_layers', m.local_layers, 'must be >= 0')
+  if m.local_layers and m.window <= 0:
+    _fail('model.window', m.window, f'model.local_layers={m.local_layers} needs a '
+          'positive sliding window')
+  if m.moe.num_experts:
+    _check_moe(m.moe)
+  if m.attention == 'infini':
+    _check_name('model.infini.update', m.infini.update, INFINI_UPDATES)
+    if m.infini.segment_len <= 0:
+      _fail('model.infini.segment_len', m.infini.segment_len, 'must be > 0')
+  period = layer_period(m)
+  if m.num_layers % period:
+    _fail('model.num_layers', m.num_layers,
+          f'must be a multiple of the layer pattern period {period}')
+
+
+def _check_moe(moe: MoEConfig) -> None:
+  def bad(key, valid):
+    _fail(f'model.moe.{key}', getattr(moe, key), valid)
+  if moe.num_experts < 0:
+    bad('num_experts', 'a number of experts >= 0 (0 = dense)')
+  if not 1 <= moe.top_k <= moe.num_experts:
+    bad('top_k', f'must be in [1, model.moe.num_experts={moe.num_experts}]')
+  if moe.moe_every < 1:
+    bad('moe_every', 'must be >= 1 (every n-th layer is MoE)')
+  for key in ('expert_dim', 'shared_experts'):
+    if getattr(moe, key) < 0:
+      bad(key, 'must be >= 0')
+  if moe.capacity_factor <= 0:
+    bad('capacity_factor', 'must be > 0')
+  if moe.path not in MOE_PATHS:
+    bad('path', f'one of {MOE_PATHS}')
+  for key in ('router_z_loss', 'load_balance_loss'):
+    if getattr(moe, key) < 0:
+      bad(key, 'a loss coefficient >= 0')
+
+
 def validate(cfg: Config, num_devices: int | None = None) -> None:
   """Cross-field checks. `num_devices` enables the mesh checks."""
   m = cfg.model
@@ -428,9 +493,8 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
           f'must divide model.num_heads={m.num_heads} (grouped-query attention)')
   if m.head_dim % 2:
     _fail('model.head_dim', m.head_dim, 'must be even (rotary embeddings rotate pairs)')
-  from gemjax.parallel.layouts import LAYOUTS  # numpy only
-  if cfg.mesh.context_layout not in LAYOUTS:
-    _fail('mesh.context_layout', cfg.mesh.context_layout, f'one of {LAYOUTS}')
+  if cfg.mesh.context_layout not in CONTEXT_LAYOUTS:
+    _fail('mesh.context_layout', cfg.mesh.context_layout, f'one of {CONTEXT_LAYOUTS}')
   if len(m.mrope_sections) != 3 or min(m.mrope_sections) < 0 or sum(m.mrope_sections) == 0:
     _fail('model.mrope_sections', m.mrope_sections,
           'three non-negative weights for the (t, h, w) rotary sections')
@@ -440,8 +504,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     _fail('model.param_dtype', m.param_dtype, f'one of {DTYPES}')
   if m.compute_dtype not in DTYPES + ('auto',):
     _fail('model.compute_dtype', m.compute_dtype, f"one of {DTYPES + ('auto',)}")
-  from gemjax.model import registry  # late: the registry imports model code
-  registry.check_names(m)
+  _check_layers(m)
   t = cfg.train
   for key in ('steps', 'batch_size', 'seq_len', 'log_every'):
     if getattr(t, key) <= 0:
@@ -458,11 +521,11 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     _fail('checkpoint.every', c.every, 'must be a positive number of steps')
   if c.keep <= 0:
     _fail('checkpoint.keep', c.keep, 'must keep at least one checkpoint')
-  from gemjax.data import registry as sources  # late: keeps config light
-  if cfg.data.source not in sources.SOURCES:
-    close = difflib.get_close_matches(cfg.data.source, list(sources.SOURCES), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ''
-    _fail('data.source', cfg.data.source, f'one of {sorted(sources.SOURCES)}{hint}')
+  _check_name('data.source', cfg.data.source, DATA_SOURCES)
+  if m.attention == 'infini' and cfg.train.seq_len >= m.infini.segment_len and \
+      cfg.train.seq_len % m.infini.segment_len:
+    _fail('model.infini.segment_len', m.infini.segment_len,
+          f'must divide train.seq_len={cfg.train.seq_len}')
   d = cfg.data
   if d.source == 'grain' and not d.datasets:
     _fail('data.datasets', d.datasets, "data.source='grain' needs at least one dataset")

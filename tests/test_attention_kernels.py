@@ -14,9 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemjax.model import blockwise as bw
-from gemjax.model.attention import ATTENTION_KERNELS, dense_attention, naive_attention, visible_mask
-from gemjax.model.layers import SequenceInfo
+from gemjax.kernels import flash, platform
+from gemjax.kernels import dense_attention, naive_attention, visible_mask
+from gemjax.model import attention as attn
+from gemjax.model.info import SequenceInfo
+
+ATTENTION_KERNELS = attn.KERNELS
 
 ATOL = 1e-5
 
@@ -76,7 +79,7 @@ def test_dense_kernel_custom_vjp_matches_autodiff(causal, window):
 def test_blockwise_matches_dense_packed_blocks_gqa(causal, window):
   q, k, v, ct, info = make_inputs()
   # block_q=16 pads 72 -> 80 rows; block_k=8 divides: both paths exercised.
-  kernel = functools.partial(bw.blockwise_attention, block_q=16, block_k=8)
+  kernel = functools.partial(flash.blockwise_attention, block_q=16, block_k=8)
   assert_same(value_and_grads(kernel, causal, window)(q, k, v, ct, info),
               dense_fn(causal, window)(q, k, v, ct, info))
 
@@ -87,7 +90,7 @@ def test_blockwise_matches_dense_permuted_order():
   perm = np.random.default_rng(1).permutation(q.shape[1])
   p = lambda x: x[:, perm]
   pinfo = SequenceInfo(*[p(x) for x in info])
-  kernel = functools.partial(bw.blockwise_attention, block_q=16, block_k=16)
+  kernel = functools.partial(flash.blockwise_attention, block_q=16, block_k=16)
   (_, o1), g1 = value_and_grads(kernel, True, 9)(p(q), p(k), p(v), p(ct), pinfo)
   (_, o0), g0 = dense_fn(True, 9)(q, k, v, ct, info)
   np.testing.assert_allclose(o1, p(o0), atol=ATOL)
@@ -114,7 +117,7 @@ def test_sliding_window_exact_at_window_edge(kernel):
   q, k, v, info = _window_probe(T, W)
   fn = ATTENTION_KERNELS[kernel]
   if kernel == 'blockwise':
-    fn = functools.partial(bw.blockwise_kernel, block=8)   # edges cross chunks
+    fn = functools.partial(attn.blockwise_kernel, block=8)   # edges cross chunks
   out = np.asarray(fn(q, k, v, info, causal=True, window=W))[0, :, 0, :]
   for i in range(T):
     seen = np.nonzero(out[i] > 0)[0]
@@ -145,7 +148,7 @@ def test_platform_kernels_fall_back_to_blockwise_on_cpu(name):
 def test_blockwise_backward_keeps_only_linear_residuals():
   """The custom VJP saves q, k, v, out and logsumexp: no [T, S] probabilities."""
   q, k, v, ct, info = make_inputs(T=256, H=2, G=2)
-  f = lambda q, k, v: jnp.sum(bw.blockwise_attention(q, k, v, info, block_q=32, block_k=32) * ct)
+  f = lambda q, k, v: jnp.sum(flash.blockwise_attention(q, k, v, info, block_q=32, block_k=32) * ct)
   _, vjp = jax.vjp(f, q, k, v)
   biggest = max(x.size for x in jax.tree.leaves(vjp))
   assert biggest <= q.size     # the probabilities would be B * H * T * S = 64 * q.size
@@ -156,12 +159,12 @@ def test_splash_kernel_interpreted_matches_dense_and_falls_back_for_blocks():
   and a local window; a batch with bidirectional blocks takes the lax.cond
   fallback. One compiled function serves both batches (masks are data)."""
   q, k, v, ct, info = make_inputs(T=128, K=16)
-  kernel = functools.partial(bw.splash_kernel, block=32, interpret=True)
+  kernel = functools.partial(attn.splash_kernel, block=32, interpret=True)
   splash, dense = value_and_grads(kernel, True, 9), dense_fn(True, 9)
   no_blocks = info._replace(block_ids_BxT=jnp.zeros_like(info.block_ids_BxT))
   for batch_info in (no_blocks, info):
     assert_same(splash(q, k, v, ct, batch_info), dense(q, k, v, ct, batch_info))
-  direct = bw.splash_attention(q, k, v, no_blocks, causal=True, window=9, interpret=True)
+  direct = platform.splash_attention(q, k, v, no_blocks, causal=True, window=9, interpret=True)
   np.testing.assert_allclose(direct, dense(q, k, v, ct, no_blocks)[0][1], atol=ATOL)
 
 
@@ -174,7 +177,7 @@ def test_blockwise_inside_layer_scan_keeps_linear_memory():
 
   def loss(q):
     def layer(x, _):
-      return x + bw.blockwise_attention(x, x[:, :, :H], x[:, :, :H], info,
+      return x + flash.blockwise_attention(x, x[:, :, :H], x[:, :, :H], info,
                                         block_q=128, block_k=128), None
     x, _ = jax.lax.scan(layer, q, None, length=2)
     return jnp.sum(x * ct)

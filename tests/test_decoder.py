@@ -63,14 +63,14 @@ def test_weight_decay_skips_stacked_norm_scales():
   import optax
   from gemjax.config import OptimizerConfig
   from gemjax.train.state import make_optimizer
-  params = {'layers': {'attn_norm': {'scale': jnp.ones((3, 8))},
-                       'mlp': {'w_up_DxF': jnp.ones((3, 8, 16))}},
-            'final_norm': {'scale': jnp.ones((8,))}}
+  mdef = S.model_def(load_config(None, TINY + ['model.num_layers=3']).model)
+  params = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), mdef.abstract_params)
+  assert params['layers']['blocks'][0]['attn_norm']['scale'].shape == (3, 32)
   tx = make_optimizer(OptimizerConfig(learning_rate=0.1, warmup_steps=0, weight_decay=0.5,
-                                      clip_norm=1e9), 10)
+                                      clip_norm=1e9), 10, mdef.groups)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
   new = optax.apply_updates(params, updates)
-  np.testing.assert_array_equal(new['layers']['attn_norm']['scale'], 1.0)
+  np.testing.assert_array_equal(new['layers']['blocks'][0]['attn_norm']['scale'], 1.0)
   np.testing.assert_array_equal(new['final_norm']['scale'], 1.0)
-  assert float(new['layers']['mlp']['w_up_DxF'].max()) < 1.0   # matrices decay
+  assert float(new['layers']['blocks'][0]['mlp']['w_up_DxF'].max()) < 1.0   # matrices decay

@@ -17,8 +17,10 @@ import pytest
 from flax import nnx
 
 from gemjax.config import InfiniConfig, ModelConfig, OptimizerConfig
-from gemjax.model import infini, registry
-from gemjax.model.layers import SequenceInfo, apply_rope
+from gemjax.model import infini
+from gemjax.model.spec import decoder_spec
+from gemjax.model.info import SequenceInfo
+from gemjax.model.rope import apply_rope
 from gemjax.train import state as st
 
 B, T, L = 2, 24, 8          # 3 segments
@@ -28,8 +30,7 @@ EPS = infini.MEMORY_EPS
 def build(update, num_kv_heads=2, seed=0):
   cfg = ModelConfig(d_model=32, num_heads=4, num_kv_heads=num_kv_heads, head_dim=8,
                     attention='infini', infini=InfiniConfig(segment_len=L, update=update))
-  spec = registry.layer_plan(cfg)[0]
-  module = registry.ATTENTION['infini'](cfg, spec, rngs=nnx.Rngs(seed))
+  module = decoder_spec(cfg).period[0].attention.build(nnx.Rngs(seed))
   # A non-trivial gate per head, so the test can tell memory and local apart.
   module.memory_gate[...] = jnp.array([-1.0, 0.5, 1.5, 0.0])
   return module
@@ -143,13 +144,25 @@ def test_gate_has_own_learning_rate_and_no_weight_decay():
   grads = jax.tree.map(jnp.ones_like, params)
   cfg = OptimizerConfig(learning_rate=0.1, warmup_steps=0, weight_decay=0.5, clip_norm=1e9)
   cfg_model = ModelConfig(attention='infini', infini=InfiniConfig(gate_lr_mult=3.0))
-  mults = infini.lr_multipliers(cfg_model)
-  assert mults == {'memory_gate': 3.0}
-  base, tx = st.make_optimizer(cfg, 10), st.make_optimizer(cfg, 10, lr_multipliers=mults)
+  # The model declares the gate's group in its parameter metadata.
+  groups = st.model_def(cfg_model).groups
+  attn = lambda tree: tree['layers']['blocks'][0]['attn']
+  assert attn(groups.lr_mult)['memory_gate'] == 3.0 and attn(groups.own_lr)['memory_gate']
+  assert not attn(groups.weight_decay)['memory_gate']
+  assert attn(groups.weight_decay)['wq_DxHxK'] and not attn(groups.own_lr)['wq_DxHxK']
+  # The same groups on a two-leaf tree: a matrix and a stacked [layers, H] gate.
+  pick = lambda tree: {'w': attn(tree)['wq_DxHxK'], 'memory_gate': attn(tree)['memory_gate']}
+  plain = st.ParamGroups(weight_decay={'w': True, 'memory_gate': False},
+                         lr_mult={'w': 1.0, 'memory_gate': 1.0},
+                         own_lr={'w': False, 'memory_gate': False},
+                         frozen={'w': False, 'memory_gate': False})
+  mine = st.ParamGroups(*(pick(getattr(groups, f)) for f in
+                          ('weight_decay', 'lr_mult', 'own_lr', 'frozen')))
+  base, tx = st.make_optimizer(cfg, 10, plain), st.make_optimizer(cfg, 10, mine)
   u0, _ = base.update(grads, base.init(params), params)
   u1, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(u1['w'], u0['w'], rtol=1e-6)
   # Adam's first step is -lr * sign(g); decay would add -lr * wd * p on top.
   lr = float(st.lr_schedule(cfg, 10)(0))
   np.testing.assert_allclose(u1['memory_gate'], -3.0 * lr * np.ones((3, 4)), rtol=1e-4)
-  assert infini.lr_multipliers(ModelConfig()) == {}
+  assert not any(jax.tree.leaves(st.model_def(ModelConfig()).groups.own_lr))

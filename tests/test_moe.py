@@ -18,7 +18,8 @@ from flax import nnx
 from gemjax.config import load_config
 from gemjax.errors import ConfigError
 from gemjax.model import flops, moe
-from gemjax.model.layers import SequenceInfo
+from gemjax.model.info import SequenceInfo
+from gemjax.model.spec import decoder_spec
 from gemjax.parallel import expert as expert_lib
 from gemjax.parallel import sharding as shd
 
@@ -289,7 +290,7 @@ def test_moe_model_trains_with_decreasing_loss_on_an_expert_parallel_mesh():
   sizes = {a: getattr(cfg.mesh, a) for a in shd.MESH_AXES}
   mesh = shd.make_mesh(sizes, devices=jax.devices())
   mdef = S.model_def(cfg.model)
-  tx = S.make_optimizer(cfg.optimizer, 20)
+  tx = S.make_optimizer(cfg.optimizer, 20, mdef.groups)
   state = S.init_state(cfg.model, mdef, tx, mesh, seed=0)
   w = state['params']['layers']['blocks'][1]['mlp']['w_up_ExDxF']
   assert w.addressable_shards[0].data.shape == (1, 2, 16, 32)  # [layers, E/2, D/2, F]
@@ -314,13 +315,13 @@ def test_moe_model_trains_with_decreasing_loss_on_an_expert_parallel_mesh():
 
 
 def test_flops_count_active_experts_on_moe_layers_only():
-  cfg = load_config(None, TINY_MOE).model
-  dense = load_config(None, TINY_MOE[:7]).model
+  cfg = decoder_spec(load_config(None, TINY_MOE).model)
+  dense = decoder_spec(load_config(None, TINY_MOE[:7]).model)
   assert flops.num_moe_layers(cfg) == 1
   d = cfg.d_model
   moe_layer = d * 4 + 2 * 3 * d * 32  # router + top_k experts
   assert (flops.matmul_params_per_token(cfg) - flops.matmul_params_per_token(dense)
-          == moe_layer - 3 * d * cfg.mlp_dim)
+          == moe_layer - 3 * d * cfg.period[0].mlp.mlp_dim)
 
 
 def test_moe_config_errors_name_the_key():

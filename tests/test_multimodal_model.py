@@ -7,9 +7,10 @@ import pytest
 
 from gemjax.config import load_config
 from gemjax.batch import IMAGE, AUDIO, text_batch
-from gemjax.model.attention import dense_attention, visible_mask
+from gemjax.kernels import dense_attention, visible_mask
 from gemjax.model.embed import gather_slots, scatter_slots
-from gemjax.model.layers import SequenceInfo, apply_rope
+from gemjax.model.info import SequenceInfo
+from gemjax.model.rope import apply_rope
 from gemjax.parallel import sharding as shd
 from gemjax.train import state as S
 

@@ -59,7 +59,7 @@ def test_evaluate_writes_table_and_heatmap(tmp_path):
                     mlp_dim=64, num_layers=1)
   mdef = st.model_def(cfg)
   mesh = shd.single_device_mesh()
-  tx = st.make_optimizer(OptimizerConfig(), 1)
+  tx = st.make_optimizer(OptimizerConfig(), 1, mdef.groups)
   params = st.init_state(cfg, mdef, tx, mesh, 0)['params']
   res = pk_eval.evaluate_passkey(params, mdef, lengths=(128, 160), depths=(0.0, 1.0),
                                  samples=3, batch_size=2, out_dir=str(tmp_path),

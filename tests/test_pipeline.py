@@ -12,6 +12,7 @@ import pytest
 from array_record.python import array_record_module
 
 from gemjax import batch as batch_lib
+from gemjax.config import DatasetConfig
 from gemjax.data import packing, pipeline, records
 from gemjax.data.sequence import SequenceBuilder
 from gemjax.errors import BadInputError
@@ -174,7 +175,7 @@ def text_shards(tmp_path_factory):
 
 
 def _settings(root, **kw):
-  datasets = kw.pop('datasets', (pipeline.DatasetSpec(str(root / 'A')),))
+  datasets = kw.pop('datasets', (DatasetConfig(str(root / 'A')),))
   return pipeline.DataSettings(datasets=datasets, read_threads=1, **kw)
 
 
@@ -201,8 +202,8 @@ def _same(batches_a, batches_b):
 
 def test_mixing_follows_the_weights(text_shards):
   settings = _settings(text_shards, datasets=(
-      pipeline.DatasetSpec(str(text_shards / 'A'), weight=3.0),
-      pipeline.DatasetSpec(str(text_shards / 'B'), weight=1.0)))
+      DatasetConfig(str(text_shards / 'A'), weight=3.0),
+      DatasetConfig(str(text_shards / 'B'), weight=1.0)))
   it = pipeline.make_train_iterator(settings, BUILDER, seq_len=128, batch_size=4, seed=3)
   names = collections.Counter(h[0] for b in _take(it, 40) for h in _headers(b))
   share_a = names['A'] / (names['A'] + names['B'])
@@ -226,8 +227,8 @@ def test_resume_from_saved_state_gives_identical_batches(text_shards, tmp_path):
   # Two bins and small pieces: windows often end in the middle of an example,
   # the hardest state to resume from.
   settings = _settings(text_shards, pack_bins=2, min_split=4, datasets=(
-      pipeline.DatasetSpec(str(text_shards / 'A'), weight=2.0),
-      pipeline.DatasetSpec(str(text_shards / 'B'), weight=1.0)))
+      DatasetConfig(str(text_shards / 'A'), weight=2.0),
+      DatasetConfig(str(text_shards / 'B'), weight=1.0)))
   make = lambda: pipeline.make_train_iterator(settings, BUILDER, seq_len=64,
                                               batch_size=2, seed=7)
   it = make()
@@ -252,8 +253,8 @@ def test_resume_from_saved_state_gives_identical_batches(text_shards, tmp_path):
 
 def test_worker_processes_mix_every_dataset_and_resume_exactly(text_shards):
   settings = _settings(text_shards, num_workers=2, datasets=(
-      pipeline.DatasetSpec(str(text_shards / 'A'), weight=1.0),
-      pipeline.DatasetSpec(str(text_shards / 'B'), weight=1.0)))
+      DatasetConfig(str(text_shards / 'A'), weight=1.0),
+      DatasetConfig(str(text_shards / 'B'), weight=1.0)))
   make = lambda: pipeline.make_train_iterator(settings, BUILDER, seq_len=64,
                                               batch_size=2, seed=1)
   it = make()
@@ -311,7 +312,7 @@ def _shard_with_bad_records(path: str) -> list[int]:
 def test_bad_records_are_skipped_counted_and_named(tmp_path):
   path = str(tmp_path / 'mixed.array_record')
   bad = _shard_with_bad_records(path)
-  settings = _settings(tmp_path, datasets=(pipeline.DatasetSpec(path),),
+  settings = _settings(tmp_path, datasets=(DatasetConfig(path),),
                        patch_budgets={'image': 8}, patch_dims=BUILDER.patch_dims)
   it = pipeline.make_eval_iterator(settings, BUILDER, seq_len=128, batch_size=2)
   headers = [h for b in it for h in _headers(b)]
@@ -326,7 +327,7 @@ def test_bad_records_are_skipped_counted_and_named(tmp_path):
 def test_strict_policy_raises_naming_source_and_index(tmp_path):
   path = str(tmp_path / 'mixed.array_record')
   bad = _shard_with_bad_records(path)
-  settings = _settings(tmp_path, datasets=(pipeline.DatasetSpec(path),),
+  settings = _settings(tmp_path, datasets=(DatasetConfig(path),),
                        bad_records='strict', patch_budgets={'image': 8},
                        patch_dims=BUILDER.patch_dims)
   it = pipeline.make_train_iterator(settings, BUILDER, seq_len=128, batch_size=2)
@@ -337,7 +338,7 @@ def test_strict_policy_raises_naming_source_and_index(tmp_path):
 
 
 def test_eval_iterator_is_one_ordered_pass_with_a_padded_final_batch(text_shards):
-  settings = _settings(text_shards, datasets=(pipeline.DatasetSpec(str(text_shards / 'B')),))
+  settings = _settings(text_shards, datasets=(DatasetConfig(str(text_shards / 'B')),))
   batches = list(pipeline.make_eval_iterator(settings, BUILDER, seq_len=128, batch_size=4))
   headers = [h for b in batches for h in _headers(b)]
   assert headers == [f'B{i:04d}' for i in range(40)]
@@ -350,7 +351,7 @@ def test_sample_corpus_gives_valid_multimodal_batches():
            'photo_caption', 'text_lm')
   budgets = {'image': 64, 'audio': 48, 'video': 32}
   settings = pipeline.DataSettings(
-      datasets=tuple(pipeline.DatasetSpec(os.path.join(SAMPLE, 'validation', f'{t}-*'))
+      datasets=tuple(DatasetConfig(os.path.join(SAMPLE, 'validation', f'{t}-*'))
                      for t in tasks),
       patch_budgets=budgets, patch_dims=BUILDER.patch_dims, read_threads=1)
   it = pipeline.make_train_iterator(settings, BUILDER, seq_len=256, batch_size=2, seed=0)

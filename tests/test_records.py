@@ -276,6 +276,7 @@ def test_sample_corpus_splits_share_no_source_item_and_are_balanced():
 
 def test_tfds_and_folder_datasets_feed_the_pipeline(tmp_path):
   pytest.importorskip('tensorflow_datasets')
+  from gemjax.config import DatasetConfig
   from gemjax.data import pipeline
   from gemjax.data.sequence import SequenceBuilder
   from gemjax.tokenizers.text import ByteTokenizer
@@ -287,10 +288,10 @@ def test_tfds_and_folder_datasets_feed_the_pipeline(tmp_path):
   (folder / 'b.png').write_bytes(_png(50))
   (folder / 'b.txt').write_text('grey')
   settings = pipeline.DataSettings(datasets=(
-      pipeline.DatasetSpec('tfds:gemjax_tiny_records', data_dir=str(tmp_path / 'tfds')),
-      pipeline.DatasetSpec('gemjax_tiny_digits', kind='tfds', data_dir=str(tmp_path / 'tfds'),
-                           convert=sources.ImageLabelToRecord()),
-      pipeline.DatasetSpec(str(folder))), patch_budgets={'image': 8}, read_threads=0)
+      DatasetConfig('tfds:gemjax_tiny_records', data_dir=str(tmp_path / 'tfds')),
+      DatasetConfig('gemjax_tiny_digits', kind='tfds', data_dir=str(tmp_path / 'tfds')),
+      DatasetConfig(str(folder))), converts={1: sources.ImageLabelToRecord()},
+      patch_budgets={'image': 8}, read_threads=0)
   it = pipeline.make_eval_iterator(settings, SequenceBuilder(ByteTokenizer()),
                                    seq_len=64, batch_size=4)
   batches = list(it)

@@ -16,9 +16,9 @@ from flax import nnx
 
 from gemjax.config import ModelConfig
 from gemjax.batch import text_batch
-from gemjax.model.attention import ATTENTION_KERNELS
-from gemjax.model.decoder import Decoder
-from gemjax.model.layers import SequenceInfo
+from gemjax.model.attention import KERNELS as ATTENTION_KERNELS
+from gemjax.model.spec import build_decoder
+from gemjax.model.info import SequenceInfo
 from gemjax.parallel import layouts
 from gemjax.parallel import sharding as shd
 from gemjax.train import state as st
@@ -131,7 +131,7 @@ def test_decoder_loss_and_grads_ring_zigzag_equal_dense():
   seg = np.ones((2, T), np.int32)
   seg[0, 40:] = 2
   batch = text_batch(rng.integers(0, 256, (2, T)), seg)
-  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Decoder(cfg_dense, rngs=nnx.Rngs(0)))))()
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_decoder(cfg_dense, nnx.Rngs(0)))))()
 
   def grads(cfg, b, mesh):
     md = st.model_def(cfg)

@@ -19,7 +19,7 @@ ATOL = 1e-5  # f32 with matmul precision 'highest': sharded sums reorder adds on
 def _one_step(mesh_sizes, extra=()):
   cfg = load_config(None, TINY + list(extra))
   mdef = S.model_def(cfg.model)
-  tx = S.make_optimizer(cfg.optimizer, 10)
+  tx = S.make_optimizer(cfg.optimizer, 10, mdef.groups)
   n = int(np.prod(list(mesh_sizes.values())))
   full = {a: 1 for a in shd.MESH_AXES} | mesh_sizes
   mesh = shd.make_mesh(full, devices=jax.devices()[:n])

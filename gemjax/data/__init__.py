@@ -5,7 +5,8 @@
     sequence.py   record -> one interleaved example (tokens, positions, patches)
     packing.py    examples -> fixed-length rows [T] -> batches
     pipeline.py   the Grain pipeline: shuffle, repeat, shard, decode, mix, pack
-    batch.py      the batch contract
+
+The batch contract itself is `gemjax.batch` (above data/ and model/).
 
 The training loop needs only `make_train_iterator` / `make_eval_iterator`
 (re-exported here lazily, so importing a light module of this package does
@@ -13,7 +14,7 @@ not import Grain). `python -m gemjax.data write ...` writes shards.
 """
 
 _LAZY = {
-    'DataSettings': 'pipeline', 'DatasetSpec': 'pipeline',
+    'DataSettings': 'pipeline',
     'make_train_iterator': 'pipeline', 'make_eval_iterator': 'pipeline',
     'PipelineIterator': 'pipeline',
 }

@@ -82,6 +82,11 @@ class PackSpec:
     return tuple(m for m in batch_lib.CONTINUOUS_MODALITIES
                  if self.patch_budgets.get(m, 0) > 0)
 
+  @property
+  def row_budgets(self) -> dict[str, int]:
+    """modality -> P_m for the modalities every row carries."""
+    return {m: self.patch_budgets[m] for m in self.modalities}
+
 
 def example_length(example: Mapping[str, np.ndarray]) -> int:
   return int(example['tokens'].shape[0])
@@ -107,11 +112,10 @@ def check_example(example: Mapping[str, Any], where: str) -> dict[str, np.ndarra
   """Casts an example to the contract dtypes; raises ValueError (a builder bug,
   not bad input) naming the key when shapes disagree."""
   out = {}
-  dtypes = {k: v[1] for k, v in batch_lib.REQUIRED_KEYS.items()}
   for key in EXAMPLE_KEYS:
     if key not in example:
       raise ValueError(f'{where}: the sequence builder returned no {key!r}')
-    out[key] = np.asarray(example[key], dtypes[key])
+    out[key] = np.asarray(example[key], batch_lib.KEYS[key].dtype)
   L = out['tokens'].shape[0]
   for key in EXAMPLE_KEYS:
     want = (L, 3) if key == 'positions' else (L,)
@@ -121,8 +125,8 @@ def check_example(example: Mapping[str, Any], where: str) -> dict[str, np.ndarra
   for m in batch_lib.CONTINUOUS_MODALITIES:
     pk, sk = batch_lib.patch_keys(m)
     if pk in example:
-      patches = np.asarray(example[pk], np.float32)
-      slots = np.asarray(example[sk], np.int32)
+      patches = np.asarray(example[pk], batch_lib.KEYS[pk].dtype)
+      slots = np.asarray(example[sk], batch_lib.KEYS[sk].dtype)
       if patches.ndim != 2 or slots.shape != patches.shape[:1]:
         raise ValueError(f'{where}: {pk} {patches.shape} / {sk} {slots.shape} '
                          'do not match ([P, D] and [P])')
@@ -166,21 +170,9 @@ class _Row:
 
 
 def empty_row(spec: PackSpec) -> dict[str, np.ndarray]:
-  T = spec.seq_len
-  row = {
-      'tokens': np.full((T,), spec.pad_id, np.int32),
-      'modality': np.zeros((T,), np.int8),
-      'positions': np.zeros((T, 3), np.int32),
-      'segment_ids': np.zeros((T,), np.int32),
-      'block_ids': np.zeros((T,), np.int32),
-      'targets': np.full((T,), spec.pad_id, np.int32),
-      'loss_weights': np.zeros((T,), np.float32),
-  }
-  for m in spec.modalities:
-    pk, sk = batch_lib.patch_keys(m)
-    row[pk] = np.zeros((spec.patch_budgets[m], spec.patch_dims[m]), np.float32)
-    row[sk] = np.full((spec.patch_budgets[m],), -1, np.int32)
-  return row
+  """An all-padding row of this shape (`gemjax.batch.empty_row`)."""
+  return batch_lib.empty_row(spec.seq_len, spec.row_budgets, spec.patch_dims,
+                             pad_id=spec.pad_id)
 
 
 def _materialize(spec: PackSpec, open_row: _Row) -> dict[str, np.ndarray]:

@@ -22,7 +22,8 @@ the source:index of the first few; `'strict'` raises BadInputError naming the
 source and index. Examples with patches that cannot fit one row are dropped
 and counted as `dropped`. See `PipelineIterator.stats`.
 
-Imports grain, numpy, gemjax.data.{batch, packing, records, sources},
+Imports grain, numpy, gemjax.batch, gemjax.config (DatasetConfig: the
+datasets are the run config's own), gemjax.data.{packing, records, sources},
 gemjax.errors. The sequence builder is passed in (any object with
 `build(record, source=...) -> example`), so this room does not depend on the
 tokenizers.
@@ -39,6 +40,7 @@ import grain
 import numpy as np
 
 from gemjax import batch as batch_lib
+from gemjax.config import DatasetConfig
 from gemjax.data import packing
 from gemjax.data import records
 from gemjax.data import sources
@@ -56,47 +58,25 @@ class ExampleBuilder(Protocol):
     ...
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """One dataset of a mixture.
+def open_dataset(ds: DatasetConfig, *, seed: int = 0,
+                 convert: Callable[[Mapping[str, Any]], dict] | None = None):
+  """The random-access source of one dataset of the mixture.
 
-  Attributes:
-    path: ArrayRecord shards (glob, prefix, directory or file), a folder of
-      files, a .jsonl manifest, or a TFDS name ('tfds:NAME' with kind 'auto').
-    weight: relative share of examples drawn from this dataset (> 0).
-    kind: 'auto' | 'array_record' | 'folder' | 'jsonl' | 'tfds' | 'pairs'.
-    split: the TFDS split (TFDS only).
-    data_dir: the TFDS data_dir (TFDS only).
-    convert: TFDS example -> record dict (TFDS only; must be picklable).
-    pair_with, pair_label, pair_prompt, pair_task, pair_size, seed: kind
-      'pairs' only: matching records composed from `path` x `pair_with`
-      (`gemjax.data.pairs.MatchPairsSource`).
+  `ds` is the run config's `data.datasets[i]` (`gemjax.config.DatasetConfig`):
+  path, kind, TFDS split / data_dir ('' = TFDS's default), and the kind
+  'pairs' settings. `seed` composes the pairs (`gemjax.data.pairs`);
+  `convert` turns a TFDS example into a record (TFDS only; picklable).
   """
-
-  path: str
-  weight: float = 1.0
-  kind: str = 'auto'
-  split: str = 'train'
-  data_dir: str | None = None
-  convert: Callable[[Mapping[str, Any]], dict] | None = None
-  pair_with: str = ''
-  pair_label: str = 'digit'
-  pair_prompt: str = ''
-  pair_task: str = 'match'
-  pair_size: int = 0
-  seed: int = 0
-
-  def open(self):
-    if self.kind == 'pairs':
-      from gemjax.data.pairs import MatchPairsSource
-      if not self.pair_with:
-        raise ConfigError(f"dataset {self.path!r}: kind 'pairs' needs pair_with")
-      return MatchPairsSource(sources.open_source('auto', self.path),
-                              sources.open_source('auto', self.pair_with),
-                              label_key=self.pair_label, prompt=self.pair_prompt,
-                              size=self.pair_size, seed=self.seed, task=self.pair_task)
-    return sources.open_source(self.kind, self.path, split=self.split,
-                               data_dir=self.data_dir, convert=self.convert)
+  if ds.kind == 'pairs':
+    from gemjax.data.pairs import MatchPairsSource
+    if not ds.pair_with:
+      raise ConfigError(f"dataset {ds.path!r}: kind 'pairs' needs pair_with")
+    return MatchPairsSource(sources.open_source('auto', ds.path),
+                            sources.open_source('auto', ds.pair_with),
+                            label_key=ds.pair_label, prompt=ds.pair_prompt,
+                            size=ds.pair_size, seed=seed, task=ds.pair_task)
+  return sources.open_source(ds.kind, ds.path, split=ds.split,
+                             data_dir=ds.data_dir or None, convert=convert)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +84,8 @@ class DataSettings:
   """Everything the pipeline needs besides seq_len, batch size, process, seed.
 
   Attributes:
-    datasets: the mixture; weights are normalised.
+    datasets: the mixture (`gemjax.config.DatasetConfig`, as in the run
+      config's `data.datasets`); weights are normalised.
     patch_budgets: per continuous modality, max patches in one row (and the
       P_m of the batch keys); a modality absent or 0 gets no batch keys.
     patch_dims: per continuous modality, the flattened patch size D_m
@@ -119,9 +100,12 @@ class DataSettings:
     shuffle: shuffle each dataset (reshuffled every epoch).
     num_epochs: None = repeat forever (training); an int = that many passes
       (with several datasets the mixture stops when the first one runs out).
+    converts: dataset index -> (TFDS example -> record dict), for TFDS
+      datasets whose examples are not encoded gemjax records (picklable,
+      e.g. `sources.ImageLabelToRecord()`); a function, so not in the config.
   """
 
-  datasets: tuple[DatasetSpec, ...]
+  datasets: tuple[DatasetConfig, ...]
   patch_budgets: Mapping[str, int] = dataclasses.field(default_factory=dict)
   patch_dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
   bad_records: str = 'skip'
@@ -133,13 +117,19 @@ class DataSettings:
   min_split: int = 32
   shuffle: bool = True
   num_epochs: int | None = None
+  converts: Mapping[int, Callable[[Mapping[str, Any]], dict]] = dataclasses.field(
+      default_factory=dict)
 
   def __post_init__(self):
     if not self.datasets:
-      raise ConfigError('data: datasets is empty; give at least one DatasetSpec')
+      raise ConfigError('data: datasets is empty; give at least one DatasetConfig')
     for i, d in enumerate(self.datasets):
       if not d.weight > 0:
         raise ConfigError(f'data.datasets[{i}].weight = {d.weight}; must be > 0')
+    for i in self.converts:
+      if not 0 <= i < len(self.datasets):
+        raise ConfigError(f'data: converts[{i}] names no dataset; valid: '
+                          f'0..{len(self.datasets) - 1}')
     if self.bad_records not in BAD_RECORD_POLICIES:
       raise ConfigError(f'data.bad_records = {self.bad_records!r}; valid: '
                         f'{BAD_RECORD_POLICIES}')
@@ -176,7 +166,7 @@ def _dataset_seed(seed: int, index: int) -> int:
   return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def _process_slice(source, spec: DatasetSpec, process_index: int,
+def _process_slice(source, spec: DatasetConfig, process_index: int,
                    process_count: int) -> grain.MapDataset:
   if not 0 <= process_index < process_count:
     raise ConfigError(f'process_index {process_index} not in [0, {process_count})')
@@ -205,8 +195,9 @@ def build_dataset(settings: DataSettings, builder: ExampleBuilder, *,
                   process_count: int = 1, seed: int = 0, train: bool = True
                   ) -> grain.IterDataset:
   """The Grain IterDataset of packed batches (with `_stats`), before the
-  PipelineIterator wrapper. `train=False`: no shuffle, datasets one after the
-  other (weights ignored), `num_epochs` passes (default 1), final batch kept."""
+  PipelineIterator wrapper. `seed` drives the shuffles and the composition of
+  'pairs' datasets. `train=False`: no shuffle, datasets one after the other
+  (weights ignored), `num_epochs` passes (default 1), final batch kept."""
   spec = pack_spec(settings, builder, seq_len)
   if batch_size < 1:
     raise ConfigError(f'batch_size = {batch_size}; must be >= 1')
@@ -216,7 +207,8 @@ def build_dataset(settings: DataSettings, builder: ExampleBuilder, *,
                                    prefetch_buffer_size=max(4, 8 * threads))
   parts = []
   for i, ds_spec in enumerate(settings.datasets):
-    ds = _process_slice(ds_spec.open(), ds_spec, process_index, process_count)
+    source = open_dataset(ds_spec, seed=seed, convert=settings.converts.get(i))
+    ds = _process_slice(source, ds_spec, process_index, process_count)
     if train and settings.shuffle:
       ds = ds.shuffle(seed=_dataset_seed(seed, i))
     epochs = settings.num_epochs if (train or settings.num_epochs) else 1
@@ -296,8 +288,9 @@ class PipelineIterator(grain.DatasetIterator):
       batch = {k: np.array(v) for k, v in batch.items()}
     B = batch['tokens'].shape[0]
     if self._pad_final and B < self._batch_size:
-      pad = packing.batch_rows([packing.empty_row(self._spec)] * (self._batch_size - B))
-      pad.pop(packing.STATS_KEY)
+      spec = self._spec
+      pad = batch_lib.empty_batch(self._batch_size - B, spec.seq_len, spec.row_budgets,
+                                  spec.patch_dims, pad_id=spec.pad_id)
       batch = {k: np.concatenate([batch[k], pad[k]]) for k in batch}
     s = self._stats
     s['batches'] += 1
@@ -341,12 +334,13 @@ def make_train_iterator(settings: DataSettings, builder: ExampleBuilder, *,
 
 def make_eval_iterator(settings: DataSettings, builder: ExampleBuilder, *,
                        seq_len: int, batch_size: int, process_index: int = 0,
-                       process_count: int = 1) -> PipelineIterator:
+                       process_count: int = 1, seed: int = 0) -> PipelineIterator:
   """One ordered pass over every dataset (no shuffle, no mixing); the last
-  batch is padded with empty rows (segment_ids 0, loss_weights 0)."""
+  batch is padded with empty rows (segment_ids 0, loss_weights 0). `seed`
+  only composes 'pairs' datasets."""
   ds = build_dataset(settings, builder, seq_len=seq_len, batch_size=batch_size,
                      process_index=process_index, process_count=process_count,
-                     seed=0, train=False)
+                     seed=seed, train=False)
   return PipelineIterator(iter(ds), spec=pack_spec(settings, builder, seq_len),
                           batch_size=batch_size, pad_final=True,
                           copy_batches=settings.num_workers > 0)

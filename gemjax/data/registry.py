@@ -69,18 +69,13 @@ def sequence_builder(cfg):
 
 
 def data_settings(cfg, split: str):
+  """The pipeline settings of a split: the config's datasets as they are."""
+  from gemjax import batch as batch_lib
   from gemjax.data import pipeline
   d = cfg.data
   specs = d.datasets if split == 'train' else (d.eval_datasets or d.datasets)
-  datasets = tuple(pipeline.DatasetSpec(path=s.path, weight=s.weight, kind=s.kind,
-                                        split=s.split, data_dir=s.data_dir or None,
-                                        pair_with=s.pair_with, pair_label=s.pair_label,
-                                        pair_prompt=s.pair_prompt, pair_task=s.pair_task,
-                                        pair_size=s.pair_size, seed=cfg.train.seed)
-                   for s in specs)
-  budgets = {m: n for m, n in (('image', d.image_patches), ('audio', d.audio_patches),
-                               ('video', d.video_patches)) if n > 0}
-  return pipeline.DataSettings(datasets=datasets, patch_budgets=budgets,
+  return pipeline.DataSettings(datasets=tuple(specs),
+                               patch_budgets=batch_lib.patch_budgets(d),
                                bad_records=d.bad_records, num_workers=d.num_workers)
 
 
@@ -97,7 +92,8 @@ def _grain(cfg, split: str, process_index: int, process_count: int):
                                         process_count=process_count, seed=t.seed)
   return pipeline.make_eval_iterator(settings, builder, seq_len=t.seq_len,
                                      batch_size=t.batch_size // process_count,
-                                     process_index=process_index, process_count=process_count)
+                                     process_index=process_index, process_count=process_count,
+                                     seed=t.seed)
 
 
 @register_source('passkey')

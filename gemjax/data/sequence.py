@@ -73,7 +73,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from gemjax.batch import (AUDIO, CONTINUOUS_MODALITIES, IMAGE, IMAGE_CODE, TEXT,
-                               VIDEO, patch_keys, validate_batch)
+                          VIDEO, empty_batch, patch_keys, validate_batch)
 from gemjax.errors import BadInputError
 from gemjax.tokenizers.audio import AudioTokenizer, AudioTokens
 from gemjax.tokenizers.image import ImageTokenizer
@@ -418,22 +418,14 @@ def collate(examples: Sequence[Mapping[str, np.ndarray]], seq_len: int,
   for m in patch_budgets:
     if m not in CONTINUOUS_MODALITIES:
       raise ValueError(f'collate: patch budget for {m!r}; valid: {CONTINUOUS_MODALITIES}')
-  batch = {
-      'tokens': np.full((B, T), pad_id, np.int32),
-      'modality': np.zeros((B, T), np.int8),
-      'positions': np.zeros((B, T, 3), np.int32),
-      'segment_ids': np.zeros((B, T), np.int32),
-      'block_ids': np.zeros((B, T), np.int32),
-      'targets': np.full((B, T), pad_id, np.int32),
-      'loss_weights': np.zeros((B, T), np.float32),
-  }
-  for m, budget in patch_budgets.items():
-    pk, sk = patch_keys(m)
-    dims = {ex[pk].shape[1] for ex in examples if pk in ex}
-    if len(dims) > 1:
-      raise ValueError(f'collate: examples disagree on the {m} patch size: {dims}')
-    batch[pk] = np.zeros((B, int(budget), dims.pop() if dims else 0), np.float32)
-    batch[sk] = np.full((B, int(budget)), -1, np.int32)
+  dims = {}
+  for m in patch_budgets:
+    pk, _ = patch_keys(m)
+    sizes = {ex[pk].shape[1] for ex in examples if pk in ex}
+    if len(sizes) > 1:
+      raise ValueError(f'collate: examples disagree on the {m} patch size: {sizes}')
+    dims[m] = sizes.pop() if sizes else 0
+  batch = empty_batch(B, T, patch_budgets, dims, pad_id=pad_id)
   for b, ex in enumerate(examples):
     n = len(ex['tokens'])
     cut = n

@@ -30,7 +30,7 @@ def expert_load_from_metrics(metrics: Mapping[str, Any], *,
   """(load_LxMxE, layer indices) from the per-block aux metrics.
 
   `period` is the number of blocks in one repeat of the layer pattern
-  (len(registry.layer_plan(cfg))); by default the highest MoE block index
+  (len(decoder_spec(cfg).period)); by default the highest MoE block index
   + 1, which is right because the last block of a period is always MoE.
   """
   blocks = {}

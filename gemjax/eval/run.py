@@ -196,10 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       plots.append(curve)
     if aux:
       from gemjax.eval import moe_plots
-      from gemjax.model import registry
+      from gemjax.model.spec import decoder_spec
       load, layers = moe_plots.expert_load_from_metrics(
           {k[len('aux/'):]: v for k, v in aux.items()},
-          period=len(registry.layer_plan(cfg.model)))
+          period=len(decoder_spec(cfg.model).period))
       plots.append(moe_plots.plot_expert_load(load, os.path.join(out_dir, 'expert_load.png'),
                                               layers=layers))
     if passkey is not None:

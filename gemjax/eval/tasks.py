@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from gemjax.data import records as records_lib
-from gemjax.batch import MODALITY_NAMES
+from gemjax.batch import MODALITY_NAMES, patch_budgets
 from gemjax.errors import BadInputError
 from gemjax.parallel import sharding as shd
 from gemjax.train import state as state_lib
@@ -64,9 +64,7 @@ def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
   """Per-task {records, exact_match, token_accuracy, loss, bad}."""
   from gemjax.data.registry import sequence_builder
   builder = sequence_builder(cfg)
-  budgets = {m: n for m, n in (('image', cfg.data.image_patches),
-                               ('audio', cfg.data.audio_patches),
-                               ('video', cfg.data.video_patches)) if n > 0}
+  budgets = patch_budgets(cfg.data)
   T = cfg.train.seq_len
 
   def forward(p, b):

@@ -1,172 +1,191 @@
 """Grouped-query self-attention with QK-norm and multimodal RoPE.
 
-The projections live in `Attention`; the score/softmax/value part is a
-*kernel* looked up by name in `ATTENTION_KERNELS`, so memory-efficient,
-ring and platform kernels plug in without touching the module. Every kernel
-takes the same inputs and implements the same mask:
+`Attention` owns the projections; the score/softmax/value part is a kernel
+from `KERNELS`, a static table of the attention kinds gemjax ships (the
+`model.attention` names that are not whole sublayers of their own, like
+'infini'). Every entry has the same signature,
 
-    visible(i, j) = same segment
-                    AND (index_j <= index_i  OR  same nonzero block)   [causal]
-                    AND (window == 0 OR index_i - index_j < window OR same block)
+    kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None,
+           causal=True, window=0, block=DEFAULT_BLOCK) -> o_BxTxHxK
 
-Padding (segment 0) only sees padding, so no row is empty and nothing leaks.
+and the same mask (gemjax/kernels/mask.py); `block` is the chunk size of the
+chunked kernels (ignored by 'dense'). The math lives in `gemjax.kernels`,
+the mesh-aware maps in `gemjax.parallel.ring_attention`; the entries here
+only choose between them (platform kernels fall back to 'blockwise' where
+they cannot run). Imports kernels, parallel and the model's building blocks.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import dataclasses
+import functools
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemjax.model.layers import RMSNorm, SequenceInfo, apply_rope, fan_in_std, param, project
-from gemjax.parallel.sharding import constrain
-
-NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+from gemjax.kernels import dense as dense_lib
+from gemjax.kernels import platform
+from gemjax.kernels.flash import DEFAULT_BLOCK
+from gemjax.model.info import SequenceInfo
+from gemjax.model.norm import RMSNorm
+from gemjax.model.params import dtype, fan_in_std, param, project
+from gemjax.model.rope import apply_rope
+from gemjax.parallel.ring_attention import ring_attention, sharded_blockwise
+from gemjax.parallel.sharding import constrain, current_mesh
 
 
 class AttentionKernel(Protocol):
 
-  def __call__(self, q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array,
-               v_BxSxGxK: jax.Array, info: SequenceInfo, *, causal: bool,
-               window: int) -> jax.Array:
+  def __call__(self, q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+               mask, *, kv_mask=None, causal: bool = True, window: int = 0,
+               block: int = DEFAULT_BLOCK) -> jax.Array:
     ...
 
 
-ATTENTION_KERNELS: dict[str, AttentionKernel] = {}
+# ------------------------------------------------------------------ kernels
 
 
-def register_kernel(name: str) -> Callable[[AttentionKernel], AttentionKernel]:
-  def deco(fn):
-    ATTENTION_KERNELS[name] = fn
-    return fn
-  return deco
+def dense_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=True,
+                 window=0, block=DEFAULT_BLOCK):
+  """The full [T, S] score matrix (GSPMD shards it like any other einsum)."""
+  del block
+  return dense_lib.dense_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask=kv_mask,
+                                   causal=causal, window=window)
 
 
-def visible_mask(q_seg_BxT, kv_seg_BxS, q_blk_BxT, kv_blk_BxS, q_idx_BxT,
-                 kv_idx_BxS, *, causal: bool, window: int) -> jax.Array:
-  """The boolean [B, T, S] mask of the module docstring (any query/key subset)."""
-  same_seg = q_seg_BxT[:, :, None] == kv_seg_BxS[:, None, :]
-  same_blk = (q_blk_BxT[:, :, None] == kv_blk_BxS[:, None, :]) & (q_blk_BxT[:, :, None] != 0)
-  delta = q_idx_BxT[:, :, None] - kv_idx_BxS[:, None, :]
-  ok = same_seg
-  if causal:
-    ok = ok & ((delta >= 0) | same_blk)
-  if window:
-    ok = ok & ((delta < window) | same_blk)
-  return ok
+def blockwise_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=True,
+                     window=0, block=DEFAULT_BLOCK):
+  """Exact chunked attention, each device on its own batch/head shard."""
+  return sharded_blockwise(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask=kv_mask,
+                           causal=causal, window=window, block=block)
 
 
-def _masked_scores(q_BxTxGxRxK, k_BxSxGxK, mask_BxTxS):
-  """Scaled scores [B, G, R, T, S] in float32, NEG_INF where not visible."""
-  q = q_BxTxGxRxK * jnp.asarray(q_BxTxGxRxK.shape[-1] ** -0.5, q_BxTxGxRxK.dtype)
-  s = jnp.einsum('btgrk,bsgk->bgrts', q, k_BxSxGxK, preferred_element_type=jnp.float32)
-  return jnp.where(mask_BxTxS[:, None, None], s, NEG_INF)
+def ring_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=True,
+                window=0, block=DEFAULT_BLOCK):
+  """The sequence split over the 'context' mesh axis (self-attention only)."""
+  if kv_mask is not None:
+    raise ValueError("the 'ring' kernel is self-attention: keys are the queries' tokens")
+  return ring_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, causal=causal,
+                        window=window, block=block)
 
 
-@jax.custom_vjp
-def _softmax_attend(q_BxTxGxRxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS):
-  return _softmax_attend_fwd(q_BxTxGxRxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS)[0]
+def cudnn_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=True,
+                 window=0, block=DEFAULT_BLOCK):
+  """cuDNN fused attention where it fits, else 'blockwise'.
 
-
-def _softmax_attend_fwd(q, k, v, mask):
-  s = _masked_scores(q, k, mask)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  e = jnp.exp(s - m)
-  denom_BxGxRxT = jnp.sum(e, axis=-1)
-  # Normalise the [T, K] output rather than the [T, S] weights.
-  out = jnp.einsum('bgrts,bsgk->btgrk', e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out = (out / jnp.moveaxis(denom_BxGxRxT, 3, 1)[..., None]).astype(v.dtype)
-  lse = m + jnp.log(denom_BxGxRxT)[..., None]               # [B, G, R, T, 1]
-  return out, (q, k, v, mask, out, lse)
-
-
-def _softmax_attend_bwd(res, g_BxTxGxRxK):
-  # The score matrix is recomputed rather than stored, and the softmax
-  # backward's row sum uses sum_s(P * dP) = sum_k(dO * O) (FlashAttention,
-  # Dao et al. 2022): a reduction over the head dim instead of over keys.
-  q, k, v, mask, out, lse = res
-  scale = q.shape[-1] ** -0.5
-  probs = jnp.exp(_masked_scores(q, k, mask) - lse)        # masked -> exactly 0
-  g = g_BxTxGxRxK
-  dv = jnp.einsum('bgrts,btgrk->bsgk', probs.astype(g.dtype), g,
-                  preferred_element_type=jnp.float32)
-  dp = jnp.einsum('btgrk,bsgk->bgrts', g, v, preferred_element_type=jnp.float32)
-  delta = jnp.einsum('btgrk,btgrk->bgrt', g.astype(jnp.float32), out.astype(jnp.float32))
-  ds = probs * (dp - delta[..., None])
-  dq = jnp.einsum('bgrts,bsgk->btgrk', ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
-  dk = jnp.einsum('bgrts,btgrk->bsgk', ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
-  return (dq * scale).astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype), None
-
-
-_softmax_attend.defvjp(_softmax_attend_fwd, _softmax_attend_bwd)
-
-
-def _split_groups(q_BxTxHxK, k_BxSxGxK):
-  B, T, H, K = q_BxTxHxK.shape
-  G = k_BxSxGxK.shape[2]
-  return q_BxTxHxK.reshape(B, T, G, H // G, K)
-
-
-def _mask(info: SequenceInfo, causal: bool, window: int):
-  return visible_mask(info.segment_ids_BxT, info.segment_ids_BxT,
-                      info.block_ids_BxT, info.block_ids_BxT,
-                      info.index_BxT, info.index_BxT, causal=causal, window=window)
-
-
-@register_kernel('dense')
-def dense_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info: SequenceInfo, *,
-                    causal: bool = True, window: int = 0) -> jax.Array:
-  """The full [T, S] score matrix, softmax in float32.
-
-  Same values as `naive_attention`; the backward pass recomputes the scores
-  instead of keeping the [T, S] probabilities of every layer alive, which is
-  less memory everywhere and about twice as fast on XLA:CPU.
+  Static fallback (off GPU, f32, odd head dims) and run-time fallback (packed
+  rows, blocks, permuted layouts: `lax.cond`) both go to 'blockwise'.
   """
-  q = _split_groups(q_BxTxHxK, k_BxSxGxK)
-  out = _softmax_attend(q, k_BxSxGxK, v_BxSxGxK, _mask(info, causal, window))
-  return out.reshape(q_BxTxHxK.shape)
+  fallback = functools.partial(blockwise_kernel, kv_mask=kv_mask, causal=causal,
+                               window=window, block=block)
+  if kv_mask is not None or not platform.cudnn_static_ok(q_BxTxHxK, k_BxSxGxK, causal, window):
+    return fallback(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
+  fused = functools.partial(platform.cudnn_attention, causal=causal, window=window)
+  return jax.lax.cond(platform.one_document_in_order(mask),
+                      lambda q, k, v: fused(q, k, v),
+                      lambda q, k, v: fallback(q, k, v, mask),
+                      q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
 
 
-def naive_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info: SequenceInfo, *,
-                    causal: bool = True, window: int = 0) -> jax.Array:
-  """Textbook attention differentiated by JAX: the reference the kernels are tested against."""
-  q = _split_groups(q_BxTxHxK, k_BxSxGxK)
-  s = _masked_scores(q, k_BxSxGxK, _mask(info, causal, window))
-  probs = jax.nn.softmax(s, axis=-1).astype(v_BxSxGxK.dtype)
-  out = jnp.einsum('bgrts,bsgk->btgrk', probs, v_BxSxGxK)
-  return out.reshape(q_BxTxHxK.shape)
+def splash_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=True,
+                  window=0, block=DEFAULT_BLOCK, interpret: bool = False):
+  """Pallas splash attention on TPU where it fits, else 'blockwise'.
+
+  Under a multi-device mesh the Pallas call is not partitioned by GSPMD, so
+  this kernel falls back to 'blockwise' there (which shards itself); a
+  shard_map wrapper is future work.
+  """
+  fallback = functools.partial(blockwise_kernel, kv_mask=kv_mask, causal=causal,
+                               window=window, block=block)
+  mesh = current_mesh()
+  single = mesh is None or mesh.size == 1
+  if kv_mask is not None or not (single and platform.splash_static_ok(
+      q_BxTxHxK, k_BxSxGxK, causal, window, interpret)):
+    return fallback(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
+  fused = functools.partial(platform.splash_attention, causal=causal, window=window,
+                            interpret=interpret)
+  return jax.lax.cond(platform.splash_mask_ok(mask),
+                      lambda q, k, v: fused(q, k, v, mask),
+                      lambda q, k, v: fallback(q, k, v, mask),
+                      q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
+
+
+KERNELS: dict[str, AttentionKernel] = {
+    'blockwise': blockwise_kernel,
+    'dense': dense_kernel,
+    'ring': ring_kernel,
+    'cudnn': cudnn_kernel,
+    'splash': splash_kernel,
+}
+
+
+# ------------------------------------------------------------------- module
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  """Everything one attention sublayer is built from."""
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_base: float = 10_000.0
+  mrope_sections: tuple[int, ...] = (2, 1, 1)
+  qk_norm: bool = True
+  kernel: str = 'blockwise'
+  block: int = DEFAULT_BLOCK
+  window: int = 0
+  causal: bool = True
+  norm_eps: float = 1e-6
+  compute_dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  def build(self, rngs: nnx.Rngs) -> 'Attention':
+    return Attention(self, rngs=rngs)
+
+  @property
+  def matmul_params(self) -> int:
+    """q, k, v and output projection weights (for FLOPs)."""
+    d, h, g, k = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
+    return d * h * k + 2 * d * g * k + h * k * d
+
+  @property
+  def score_width(self) -> int:
+    """heads x head_dim: the width of the score and value matmuls (for FLOPs)."""
+    return self.num_heads * self.head_dim
 
 
 class Attention(nnx.Module):
   """Pre-projected GQA: x -> q, k, v -> (QK-norm) -> RoPE -> kernel -> out."""
 
-  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-               *, rope_base: float, mrope_sections, qk_norm: bool, kernel: str,
-               window: int = 0, causal: bool = True, norm_eps: float = 1e-6,
-               compute_dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if kernel not in ATTENTION_KERNELS:
-      raise ValueError(f'unknown attention kernel {kernel!r}; known: '
-                       f'{sorted(ATTENTION_KERNELS)}')
-    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-    self.rope_base, self.mrope_sections = rope_base, tuple(mrope_sections)
-    self.kernel, self.window, self.causal = kernel, window, causal
-    self.compute_dtype = compute_dtype
-    std = fan_in_std(d_model)
-    self.wq_DxHxK = param(rngs, (d_model, num_heads, head_dim), ('embed', 'heads', 'head_dim'),
-                          std=std, dtype=param_dtype)
-    self.wk_DxGxK = param(rngs, (d_model, num_kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'),
-                          std=std, dtype=param_dtype)
-    self.wv_DxGxK = param(rngs, (d_model, num_kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'),
-                          std=std, dtype=param_dtype)
-    self.wo_HxKxD = param(rngs, (num_heads, head_dim, d_model), ('heads', 'head_dim', 'embed'),
-                          std=fan_in_std(num_heads * head_dim), dtype=param_dtype)
-    if qk_norm:
-      self.q_norm = RMSNorm(head_dim, eps=norm_eps, param_dtype=param_dtype)
-      self.k_norm = RMSNorm(head_dim, eps=norm_eps, param_dtype=param_dtype)
+  def __init__(self, spec: AttentionSpec, *, rngs: nnx.Rngs):
+    if spec.kernel not in KERNELS:
+      raise ValueError(f'unknown attention kernel {spec.kernel!r}; known: {sorted(KERNELS)}')
+    d, h, g, k = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    pd = dtype(spec.param_dtype)
+    self.num_heads, self.num_kv_heads, self.head_dim = h, g, k
+    self.rope_base, self.mrope_sections = spec.rope_base, tuple(spec.mrope_sections)
+    self.kernel, self.block = spec.kernel, spec.block
+    self.window, self.causal = spec.window, spec.causal
+    self.compute_dtype = dtype(spec.compute_dtype)
+    std = fan_in_std(d)
+    self.wq_DxHxK = param(rngs, (d, h, k), ('embed', 'heads', 'head_dim'), std=std, dtype=pd)
+    self.wk_DxGxK = param(rngs, (d, g, k), ('embed', 'kv_heads', 'head_dim'), std=std, dtype=pd)
+    self.wv_DxGxK = param(rngs, (d, g, k), ('embed', 'kv_heads', 'head_dim'), std=std, dtype=pd)
+    self.wo_HxKxD = param(rngs, (h, k, d), ('heads', 'head_dim', 'embed'),
+                          std=fan_in_std(h * k), dtype=pd)
+    if spec.qk_norm:
+      self.q_norm = RMSNorm(k, eps=spec.norm_eps, param_dtype=pd)
+      self.k_norm = RMSNorm(k, eps=spec.norm_eps, param_dtype=pd)
     else:
       self.q_norm = self.k_norm = None
+
+  def attend(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, **kw) -> jax.Array:
+    """This layer's kernel with its mask settings and chunk size."""
+    return KERNELS[self.kernel](q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, causal=self.causal,
+                                window=self.window, block=self.block, **kw)
 
   def project_qkv(self, x_BxTxD: jax.Array, info: SequenceInfo):
     cd = self.compute_dtype
@@ -189,5 +208,4 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo) -> jax.Array:
     q, k, v = self.project_qkv(x_BxTxD, info)
-    o = ATTENTION_KERNELS[self.kernel](q, k, v, info, causal=self.causal, window=self.window)
-    return self.output(o)
+    return self.output(self.attend(q, k, v, info))

@@ -6,20 +6,24 @@
 
 Layers are created stacked (a leading 'layers' axis on every parameter, via
 `nnx.vmap`) and applied with `jax.lax.scan`, so compile time does not grow with
-depth; the scan body is rematerialised with the configured policy.
+depth; the scan body is rematerialised with the configured policy. Built
+from a `DecoderSpec` (gemjax/model/spec.py turns a ModelConfig into one).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemjax.model import registry
-from gemjax.model.embed import InputEmbedder
-from gemjax.model.layers import RMSNorm, SequenceInfo, param
+from gemjax.model.block import BlockSpec, LayerGroup
+from gemjax.model.embed import EmbedderSpec
+from gemjax.model.info import SequenceInfo, sequence_info
+from gemjax.model.norm import RMSNorm
+from gemjax.model.params import dtype, param
 from gemjax.parallel.sharding import constrain
 
 REMAT_POLICIES = {
@@ -30,60 +34,58 @@ REMAT_POLICIES = {
 }
 
 
-class Block(nnx.Module):
-  """x + attn(norm(x)); x + ffn(norm(x))."""
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+  """The whole model: embedder, `num_groups` repeats of `period`, head."""
+  vocab_size: int
+  d_model: int
+  period: tuple[BlockSpec, ...]
+  num_groups: int
+  embedder: EmbedderSpec
+  tie_embeddings: bool = True
+  init_std: float = 0.02
+  norm_eps: float = 1e-6
+  remat: str = 'none'
+  scan_layers: bool = True
+  compute_dtype: str = 'float32'
+  param_dtype: str = 'float32'
 
-  def __init__(self, cfg, spec: registry.LayerSpec, *, rngs: nnx.Rngs):
-    pd = registry.param_dtype(cfg)
-    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-    self.attn = registry.ATTENTION[spec.attention](cfg, spec, rngs=rngs)
-    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-    self.mlp = registry.MLP[spec.mlp](cfg, spec, rngs=rngs)
+  def build(self, rngs: nnx.Rngs) -> 'Decoder':
+    return Decoder(self, rngs=rngs)
 
-  def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo):
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), info).astype(x_BxTxD.dtype)
-    y, aux = self.mlp(self.mlp_norm(x_BxTxD), info)
-    x_BxTxD = x_BxTxD + y.astype(x_BxTxD.dtype)
-    return constrain(x_BxTxD, ('batch', 'length', 'act_embed')), aux
+  @property
+  def num_layers(self) -> int:
+    return self.num_groups * len(self.period)
 
-
-class LayerGroup(nnx.Module):
-  """One period of the layer pattern (usually a single block)."""
-
-  def __init__(self, cfg, plan: list[registry.LayerSpec], *, rngs: nnx.Rngs):
-    self.blocks = nnx.List([Block(cfg, spec, rngs=rngs) for spec in plan])
-
-  def __call__(self, x_BxTxD, info):
-    auxes = []
-    for block in self.blocks:
-      x_BxTxD, aux = block(x_BxTxD, info)
-      auxes.append(aux)
-    return x_BxTxD, auxes
+  @property
+  def blocks(self) -> tuple[BlockSpec, ...]:
+    """Every layer's spec, in order."""
+    return self.period * self.num_groups
 
 
 class Decoder(nnx.Module):
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
-    self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
-    self.tie_embeddings = cfg.tie_embeddings
-    pd = registry.param_dtype(cfg)
-    self.compute_dtype = registry.compute_dtype(cfg)
-    self.embedding_VxD = param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
-                               std=cfg.init_std, dtype=pd)
-    self.inputs = InputEmbedder(cfg, rngs=rngs)
-    plan = registry.layer_plan(cfg)
-    self.num_groups = cfg.num_layers // len(plan)
+  def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
+    self.remat, self.scan_layers = spec.remat, spec.scan_layers
+    self.tie_embeddings = spec.tie_embeddings
+    pd = dtype(spec.param_dtype)
+    self.compute_dtype = dtype(spec.compute_dtype)
+    self.embedding_VxD = param(rngs, (spec.vocab_size, spec.d_model), ('vocab', 'embed'),
+                               std=spec.init_std, dtype=pd)
+    self.inputs = spec.embedder.build(rngs)
+    self.num_groups = spec.num_groups
+    period = spec.period
 
     @nnx.split_rngs(splits=self.num_groups)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
     def make_groups(rngs):
-      return LayerGroup(cfg, plan, rngs=rngs)
+      return LayerGroup(period, rngs=rngs)
 
     self.layers = make_groups(rngs)
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-    if not cfg.tie_embeddings:
-      self.head_DxV = param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
-                            std=cfg.d_model ** -0.5, dtype=pd)
+    self.final_norm = RMSNorm(spec.d_model, eps=spec.norm_eps, param_dtype=pd)
+    if not spec.tie_embeddings:
+      self.head_DxV = param(rngs, (spec.d_model, spec.vocab_size), ('embed', 'vocab'),
+                            std=spec.d_model ** -0.5, dtype=pd)
 
   # -- pieces -------------------------------------------------------------
 
@@ -91,15 +93,7 @@ class Decoder(nnx.Module):
     return self.inputs(self.embedding_VxD[...], batch, info)
 
   def sequence_info(self, batch: Mapping[str, jax.Array]) -> SequenceInfo:
-    tokens = batch['tokens']
-    B, T = tokens.shape
-    index = batch.get('token_index')
-    if index is None:
-      index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    return SequenceInfo(
-        positions_BxTx3=batch['positions'], segment_ids_BxT=batch['segment_ids'],
-        block_ids_BxT=batch['block_ids'], index_BxT=index,
-        modality_BxT=batch['modality'])
+    return sequence_info(batch)
 
   def run_layers(self, x_BxTxD: jax.Array, info: SequenceInfo):
     graphdef, state = nnx.split(self.layers)
@@ -123,7 +117,7 @@ class Decoder(nnx.Module):
 
   def logits(self, x_BxTxD: jax.Array) -> jax.Array:
     b, t, d = x_BxTxD.shape
-    # Flattened tokens: a 2-D matmul (see layers.project for why).
+    # Flattened tokens: a 2-D matmul (see params.project for why).
     x_NxD = self.final_norm(x_BxTxD).astype(self.compute_dtype).reshape(b * t, d)
     if self.tie_embeddings:
       w = self.embedding_VxD[...].astype(self.compute_dtype)

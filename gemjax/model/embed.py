@@ -7,10 +7,12 @@ The results are scattered into their slots of the one token sequence with a
 static-shape scatter; a learned per-modality embedding is added to every
 token. Early fusion is `encoder_layers = 0`: the decoder sees linear patch
 embeddings and does all the mixing itself (Chameleon / Fuyu style).
+Imports the batch contract (modality names, patch keys) and model blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import jax
@@ -18,7 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemjax.batch import CONTINUOUS_MODALITIES, MODALITY_NAMES, patch_keys
-from gemjax.model.layers import RMSNorm, SequenceInfo, fan_in_std, param
+from gemjax.model.block import BlockSpec
+from gemjax.model.info import SequenceInfo
+from gemjax.model.norm import RMSNorm
+from gemjax.model.params import constant, dtype, fan_in_std, freeze, param
 from gemjax.parallel.sharding import constrain
 
 
@@ -38,19 +43,37 @@ def scatter_slots(x_BxTxD: jax.Array, emb_BxPxD: jax.Array, slots_BxP: jax.Array
       x_BxTxD, emb_BxPxD, idx)
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbedderSpec:
+  """Token table lookups + per-modality patch encoders.
+
+  `patch_dims`: (modality, flattened patch size) for each continuous modality
+  with an embedder; `encoder`: the bidirectional block of the late-fusion
+  encoders, used `encoder_layers` times (0 = early fusion).
+  """
+  d_model: int
+  patch_dims: tuple[tuple[str, int], ...]
+  encoder: BlockSpec
+  encoder_layers: int = 0
+  freeze_encoders: bool = False
+  norm_eps: float = 1e-6
+  compute_dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  def build(self, rngs: nnx.Rngs) -> 'InputEmbedder':
+    return InputEmbedder(self, rngs=rngs)
+
+
 class PatchEncoder(nnx.Module):
   """Linear patch embedding (+ optional bidirectional encoder blocks)."""
 
-  def __init__(self, cfg, patch_dim: int, *, rngs: nnx.Rngs):
-    from gemjax.model import registry  # late: registry imports decoder pieces
-    from gemjax.model.decoder import Block
-    pd = registry.param_dtype(cfg)
-    self.compute_dtype = registry.compute_dtype(cfg)
-    self.proj_PxD = param(rngs, (patch_dim, cfg.d_model), ('patch', 'embed'),
+  def __init__(self, spec: EmbedderSpec, patch_dim: int, *, rngs: nnx.Rngs):
+    pd = dtype(spec.param_dtype)
+    self.compute_dtype = dtype(spec.compute_dtype)
+    self.proj_PxD = param(rngs, (patch_dim, spec.d_model), ('patch', 'embed'),
                           std=fan_in_std(patch_dim), dtype=pd)
-    self.in_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-    spec = registry.LayerSpec(attention='dense', mlp='swiglu', causal=False)
-    self.blocks = nnx.List([Block(cfg, spec, rngs=rngs) for _ in range(cfg.encoder_layers)])
+    self.in_norm = RMSNorm(spec.d_model, eps=spec.norm_eps, param_dtype=pd)
+    self.blocks = nnx.List([spec.encoder.build(rngs) for _ in range(spec.encoder_layers)])
 
   def __call__(self, patches_BxPxD: jax.Array, info: SequenceInfo) -> jax.Array:
     cd = self.compute_dtype
@@ -64,16 +87,13 @@ class PatchEncoder(nnx.Module):
 class InputEmbedder(nnx.Module):
   """Token table lookups + patch encoders + modality embeddings -> x_BxTxD."""
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
-    from gemjax.model import registry
-    self.compute_dtype = registry.compute_dtype(cfg)
-    self.modality_MxD = nnx.Param(
-        jnp.zeros((len(MODALITY_NAMES), cfg.d_model), registry.param_dtype(cfg)),
-        out_sharding=(None, 'embed'), eager_sharding=False)
-    dims = {'image': cfg.image_patch_dim, 'audio': cfg.audio_patch_dim,
-            'video': cfg.video_patch_dim}
-    self.encoders = nnx.Dict({m: PatchEncoder(cfg, d, rngs=rngs)
-                              for m, d in dims.items() if d > 0})
+  def __init__(self, spec: EmbedderSpec, *, rngs: nnx.Rngs):
+    self.compute_dtype = dtype(spec.compute_dtype)
+    self.modality_MxD = constant(
+        jnp.zeros((len(MODALITY_NAMES), spec.d_model), dtype(spec.param_dtype)), (None, 'embed'))
+    self.encoders = nnx.Dict({m: PatchEncoder(spec, d, rngs=rngs) for m, d in spec.patch_dims})
+    if spec.freeze_encoders:
+      freeze(self.encoders)
 
   def __call__(self, embedding_VxD: jax.Array, batch: Mapping[str, jax.Array],
                info: SequenceInfo) -> jax.Array:

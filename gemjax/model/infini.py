@@ -27,25 +27,26 @@ contiguous documents the packer makes). Bidirectional blocks are honoured
 inside a segment only. Ring layouts and context sharding do not apply: the
 scan walks the row in order.
 
-The gate is named `memory_gate`; `lr_multipliers(model_cfg)` gives the
-optimizer its own learning-rate multiplier (and no weight decay).
+The gate `memory_gate` carries its own learning-rate multiplier and no
+weight decay as parameter metadata (`gemjax.model.params`), which the
+optimizer reads. Imports the attention module and the model's building blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemjax.errors import ConfigError
-from gemjax.model import registry
-from gemjax.model.attention import ATTENTION_KERNELS, Attention
-from gemjax.model.layers import SequenceInfo, apply_rope
+from gemjax.model.attention import Attention, AttentionSpec
+from gemjax.model.info import SequenceInfo
+from gemjax.model.params import LR_MULT, WEIGHT_DECAY, constant, dtype
+from gemjax.model.rope import apply_rope
 from gemjax.parallel.sharding import constrain
 
-GATE_PARAM = 'memory_gate'
 UPDATES = ('linear', 'delta')
 MEMORY_EPS = 1e-6
 
@@ -87,21 +88,45 @@ def memory_write(mem: Memory, sk_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
   return Memory(M, z, last)
 
 
+@dataclasses.dataclass(frozen=True)
+class InfiniSpec:
+  """An Infini-attention sublayer: local attention (`attention`, usually the
+  'dense' kernel) within segments of `segment_len`, plus the memory."""
+  attention: AttentionSpec
+  segment_len: int = 128
+  update: str = 'delta'
+  gate_lr_mult: float = 1.0
+
+  def build(self, rngs: nnx.Rngs) -> 'InfiniAttention':
+    return InfiniAttention(self, rngs=rngs)
+
+  @property
+  def matmul_params(self) -> int:
+    return self.attention.matmul_params
+
+  @property
+  def window(self) -> int:
+    return self.attention.window
+
+  @property
+  def score_width(self) -> int:
+    return self.attention.score_width
+
+
 class InfiniAttention(Attention):
   """GQA attention within segments + a gated compressive memory across them."""
 
-  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-               segment_len: int, update: str = 'delta', rngs: nnx.Rngs, **kwargs):
-    super().__init__(d_model, num_heads, num_kv_heads, head_dim, rngs=rngs, **kwargs)
-    if update not in UPDATES:
-      raise ConfigError(f'model.infini.update={update!r} is invalid: one of {UPDATES}')
-    if segment_len <= 0:
-      raise ConfigError(f'model.infini.segment_len={segment_len} is invalid: must be > 0')
-    self.segment_len, self.update = segment_len, update
-    pd = kwargs.get('param_dtype', jnp.float32)
+  def __init__(self, spec: InfiniSpec, *, rngs: nnx.Rngs):
+    super().__init__(spec.attention, rngs=rngs)
+    if spec.update not in UPDATES:
+      raise ValueError(f'Infini-attention update {spec.update!r} is invalid: one of {UPDATES}')
+    if spec.segment_len <= 0:
+      raise ValueError(f'Infini-attention segment_len={spec.segment_len} must be > 0')
+    self.segment_len, self.update = spec.segment_len, spec.update
     # beta = 0: sigmoid 0.5, memory and local attention mixed equally at init.
-    self.memory_gate = nnx.Param(jnp.zeros((num_heads,), pd), out_sharding=('heads',),
-                                 eager_sharding=False)
+    self.memory_gate = constant(
+        jnp.zeros((spec.attention.num_heads,), dtype(spec.attention.param_dtype)), ('heads',),
+        **{WEIGHT_DECAY: False, LR_MULT: float(spec.gate_lr_mult)})
 
   def project_unrotated(self, x_BxTxD: jax.Array):
     cd = self.compute_dtype
@@ -118,8 +143,8 @@ class InfiniAttention(Attention):
     H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
     L = min(self.segment_len, T)
     if T % L:
-      raise ConfigError(f'model.infini.segment_len={self.segment_len} must divide the '
-                        f'sequence length {T}')
+      raise ValueError(f'Infini-attention segment_len={self.segment_len} must divide the '
+                       f'sequence length {T}')
     n = T // L
     q_raw, k_raw, v = self.project_unrotated(x_BxTxD)
     rope = dict(base=self.rope_base, sections=self.mrope_sections)
@@ -130,12 +155,11 @@ class InfiniAttention(Attention):
       return jnp.moveaxis(x.reshape(B, n, L, *x.shape[2:]), 1, 0)
 
     xs = jax.tree.map(segments, (q, k, v, q_raw, k_raw, info))
-    kernel = ATTENTION_KERNELS[self.kernel]
     gate_GxR = jax.nn.sigmoid(self.memory_gate[...].astype(jnp.float32)).reshape(G, H // G)
 
     def step(mem: Memory, seg):
       q_s, k_s, v_s, qr_s, kr_s, info_s = seg
-      local = kernel(q_s, k_s, v_s, info_s, causal=self.causal, window=self.window)
+      local = self.attend(q_s, k_s, v_s, info_s)
       sq = elu_plus_one(qr_s.astype(jnp.float32)).reshape(B, L, G, H // G, K)
       seg_BxL = info_s.segment_ids_BxT
       own = (seg_BxL == mem.doc[:, None]).astype(jnp.float32)[:, :, None, None, None]
@@ -152,21 +176,3 @@ class InfiniAttention(Attention):
     o_BxTxHxK = jnp.moveaxis(o, 0, 1).reshape(B, T, H, K)
     o_BxTxHxK = constrain(o_BxTxHxK, ('batch', 'length', 'act_heads', None))
     return self.output(o_BxTxHxK)
-
-
-@registry.register_attention('infini')
-def _infini(cfg, spec: registry.LayerSpec, *, rngs: nnx.Rngs) -> nnx.Module:
-  return InfiniAttention(
-      cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-      segment_len=cfg.infini.segment_len, update=cfg.infini.update,
-      rope_base=cfg.rope_base, mrope_sections=cfg.mrope_sections, qk_norm=cfg.qk_norm,
-      kernel='dense', window=spec.window, norm_eps=cfg.norm_eps,
-      compute_dtype=registry.compute_dtype(cfg), param_dtype=registry.param_dtype(cfg),
-      rngs=rngs)
-
-
-def lr_multipliers(model_cfg) -> dict[str, float]:
-  """Parameter name -> learning-rate multiplier for `train.state.make_optimizer`."""
-  if model_cfg.attention != 'infini':
-    return {}
-  return {GATE_PARAM: float(model_cfg.infini.gate_lr_mult)}

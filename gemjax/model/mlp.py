@@ -7,12 +7,31 @@ training loss (already weighted), the rest are logged as metrics.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemjax.model.layers import SequenceInfo, fan_in_std, param, project
+from gemjax.model.info import SequenceInfo
+from gemjax.model.params import dtype, fan_in_std, param, project
 from gemjax.parallel.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPSpec:
+  d_model: int
+  mlp_dim: int
+  compute_dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  def build(self, rngs: nnx.Rngs) -> 'SwiGLU':
+    return SwiGLU(self.d_model, self.mlp_dim, compute_dtype=dtype(self.compute_dtype),
+                  param_dtype=dtype(self.param_dtype), rngs=rngs)
+
+  @property
+  def matmul_params(self) -> int:
+    return 3 * self.d_model * self.mlp_dim
 
 
 class SwiGLU(nnx.Module):

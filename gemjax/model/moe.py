@@ -28,14 +28,16 @@ gemjax.batch (the modality names).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gemjax.batch import MODALITY_NAMES
-from gemjax.model import registry
-from gemjax.model.layers import SequenceInfo, fan_in_std, param
+from gemjax.model.info import SequenceInfo
 from gemjax.model.mlp import SwiGLU
+from gemjax.model.params import dtype, fan_in_std, param
 from gemjax.parallel import expert as expert_lib
 from gemjax.parallel.sharding import constrain
 
@@ -139,7 +141,7 @@ class MoE(nnx.Module):
   def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo | None = None):
     B, T, _ = x_BxTxD.shape
     E, cd = self.num_experts, self.compute_dtype
-    # Flattened tokens: one 2-D matmul (see layers.project), router in f32.
+    # Flattened tokens: one 2-D matmul (see params.project), router in f32.
     logits_BxTxE = jnp.dot(x_BxTxD.reshape(B * T, -1).astype(jnp.float32),
                            self.router_DxE[...].astype(jnp.float32),
                            precision=jax.lax.Precision.HIGHEST).reshape(B, T, E)
@@ -182,13 +184,32 @@ class MoE(nnx.Module):
     }
 
 
-@registry.register_mlp('moe')
-def _build_moe(cfg, spec: registry.LayerSpec, *, rngs: nnx.Rngs) -> nnx.Module:
-  m = cfg.moe
-  expert_dim = m.expert_dim or cfg.mlp_dim
-  return MoE(cfg.d_model, expert_dim, m.num_experts, m.top_k,
-             shared_dim=m.shared_experts * expert_dim, renormalize=m.renormalize,
-             capacity_factor=m.capacity_factor, path=m.path,
-             router_z_loss=m.router_z_loss, load_balance_loss=m.load_balance_loss,
-             compute_dtype=registry.compute_dtype(cfg),
-             param_dtype=registry.param_dtype(cfg), rngs=rngs)
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+  """A routed MoE feed-forward: `num_experts` SwiGLU experts of `expert_dim`."""
+  d_model: int
+  expert_dim: int
+  num_experts: int
+  top_k: int = 2
+  shared_dim: int = 0
+  renormalize: bool = True
+  capacity_factor: float = 1.25
+  path: str = 'auto'
+  router_z_loss: float = 1e-3
+  load_balance_loss: float = 1e-2
+  compute_dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  def build(self, rngs: nnx.Rngs) -> 'MoE':
+    return MoE(self.d_model, self.expert_dim, self.num_experts, self.top_k,
+               shared_dim=self.shared_dim, renormalize=self.renormalize,
+               capacity_factor=self.capacity_factor, path=self.path,
+               router_z_loss=self.router_z_loss, load_balance_loss=self.load_balance_loss,
+               compute_dtype=dtype(self.compute_dtype), param_dtype=dtype(self.param_dtype),
+               rngs=rngs)
+
+  @property
+  def matmul_params(self) -> int:
+    """Active per token: the router, then top_k routed + the shared experts."""
+    d = self.d_model
+    return d * self.num_experts + (self.top_k * 3 * d * self.expert_dim + 3 * d * self.shared_dim)

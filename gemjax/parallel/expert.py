@@ -35,7 +35,7 @@ If the mesh also splits the expert hidden dimension over `tensor`, the expert
 functions return partial sums and are reduced here (their last matmul
 contracts the hidden axis).
 
-Imports jax and `gemjax.parallel.sharding` only.
+Imports jax, `gemjax.parallel.axes` and `gemjax.parallel.sharding` only.
 """
 
 from __future__ import annotations
@@ -47,16 +47,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from gemjax.parallel.axes import EXPERT_AXIS, TENSOR_AXIS, axis_size
 from gemjax.parallel.sharding import current_mesh, logical_to_spec
 
 PATHS = ('auto', 'capacity', 'dropless')
-EXPERT_AXIS = 'expert'
-TENSOR_AXIS = 'tensor'
-
-# Inside the expert map, weights keep only their expert (and tensor) split; the
-# fsdp split of 'expert_embed' is gathered at the map boundary (ZeRO-3).
-_IN_MAP_RULES = {'experts': EXPERT_AXIS, 'mlp': TENSOR_AXIS, 'expert_embed': None,
-                 'embed': None}
 
 
 class ExpertFns(NamedTuple):
@@ -135,12 +129,13 @@ def dispatch_combine(x_BxTxD: jax.Array, expert_BxTxK: jax.Array, gate_BxTxK: ja
                      'multiple of mesh.expert')
   tok_spec = logical_to_spec(('batch', 'length', None), mesh)
   B, T = valid_BxT.shape
-  if B % _spec_size(tok_spec[0], sizes) or T % _spec_size(tok_spec[1], sizes):
+  if B % axis_size(sizes, tok_spec[0]) or T % axis_size(sizes, tok_spec[1]):
     # A batch that does not split over the token axes (e.g. batch-1 decoding):
     # run the one-device math and let the partitioner gather what it needs.
     return _per_device(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights,
                        expert_shards=1, tensor_shards=1, **kw)
-  w_specs = tuple(logical_to_spec(n, mesh, rules=_IN_MAP_RULES) for n in weight_names)
+  # Inside the map weights keep only their expert/tensor split ('expert_map').
+  w_specs = tuple(logical_to_spec(n, mesh, rules='expert_map') for n in weight_names)
   tok2 = P(tok_spec[0], tok_spec[1])
 
   def body(x, e, g, v, w):
@@ -151,13 +146,6 @@ def dispatch_combine(x_BxTxD: jax.Array, expert_BxTxK: jax.Array, gate_BxTxK: ja
       in_specs=(tok_spec, tok_spec, tok_spec, tok2, w_specs),
       out_specs=(tok_spec, tok_spec))
   return mapped(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights)
-
-
-def _spec_size(entry, sizes: dict[str, int]) -> int:
-  if entry is None:
-    return 1
-  axes = (entry,) if isinstance(entry, str) else entry
-  return math.prod(sizes[a] for a in axes)
 
 
 def _per_device(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights, *, fns,

@@ -19,7 +19,8 @@ per-token (logits, hidden states) come back in layout order; `undo_layout`
 restores the original order.
 
 This module is numpy only (host side), plus a load-balance count used by the
-benchmark and the tests.
+benchmark and the tests. It imports gemjax.batch (numpy only) for which keys
+are per-token.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from typing import Mapping
 
 import numpy as np
 
+from gemjax import batch as batch_lib
+
 LAYOUTS = ('contiguous', 'zigzag', 'striped')
-TOKEN_INDEX_KEY = 'token_index'
+TOKEN_INDEX_KEY = 'token_index'   # in gemjax.batch.KEYS
 
 
 def layout_permutation(seq_len: int, num_shards: int, layout: str) -> np.ndarray:
@@ -59,21 +62,17 @@ def inverse_permutation(perm: np.ndarray) -> np.ndarray:
   return inv
 
 
-def _is_per_token(key: str, value: np.ndarray, B: int, T: int) -> bool:
-  if key.endswith('_patches') or key.endswith('_slots'):
-    return False
-  return value.ndim >= 2 and value.shape[:2] == (B, T)
-
-
 def apply_permutation(batch: Mapping[str, np.ndarray], perm: np.ndarray) -> dict[str, np.ndarray]:
   """Permutes every per-token array of a batch along T (axis 1).
 
-  Per-token keys: everything shaped [B, T, ...] except `*_patches`/`*_slots`
-  (tokens, positions, segment_ids, block_ids, targets, loss_weights,
-  modality, ...). `*_slots` hold indices into T, so their values are mapped
-  to the new positions (-1 padding stays -1); patches do not move. Adds
-  'token_index' [B, T] int32 with each token's original index (or permutes
-  an existing one, so layouts compose).
+  Which keys move is the batch contract's (`gemjax.batch.KEYS`): per-token
+  keys, logical axes ('batch', 'length', ...), are permuted (tokens,
+  positions, segment_ids, block_ids, targets, loss_weights, modality,
+  token_index); keys whose values point into T (`*_slots`) get their values
+  mapped to the new positions (-1 padding stays -1); patches do not move. A
+  key the contract lacks is an error. Adds 'token_index' [B, T] int32 with
+  each token's original index (or permutes an existing one, so layouts
+  compose).
   """
   perm = np.asarray(perm, np.int64)
   B, T = batch['tokens'].shape
@@ -83,9 +82,10 @@ def apply_permutation(batch: Mapping[str, np.ndarray], perm: np.ndarray) -> dict
   out = {}
   for key, value in batch.items():
     value = np.asarray(value)
-    if key.endswith('_slots'):
+    spec = batch_lib.key_spec(key)
+    if spec.points_into_length:
       out[key] = np.where(value >= 0, inv[np.clip(value, 0, T - 1)], value).astype(value.dtype)
-    elif _is_per_token(key, value, B, T):
+    elif batch_lib.is_per_token(key):
       out[key] = value[:, perm]
     else:
       out[key] = value

@@ -1,25 +1,28 @@
-"""The mesh and the one table from logical axis names to mesh axes.
+"""The mesh and the tables from logical axis names to mesh axes.
 
 Layers name the axes of their parameters and activations with *logical* names
-('embed', 'heads', 'mlp', 'batch', ...). Only this module knows the mesh axes
-(`data, fsdp, expert, context, tensor`). Swapping a parallelism strategy is
-swapping `LOGICAL_AXIS_RULES`.
+('embed', 'heads', 'mlp', 'batch', ...). Only this module maps them to mesh
+axes (whose names live in `gemjax.parallel.axes`). Swapping a parallelism
+strategy is swapping `LOGICAL_AXIS_RULES`; the few places that need another
+mapping (inside the expert shard_map) name a rule set from `RULE_SETS`.
 
 `constrain(x, names)` is the activation hook the model calls: a sharding
 constraint under a mesh, a no-op outside one (unit tests of single layers).
+
+Imports jax, numpy and `gemjax.parallel.axes` only.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-MESH_AXES = ('data', 'fsdp', 'expert', 'context', 'tensor')
-BATCH_AXES = ('data', 'fsdp', 'expert')
+# Re-exported: callers read `sharding.MESH_AXES` / `sharding.BATCH_AXES`.
+from gemjax.parallel.axes import BATCH_AXES, MESH_AXES  # noqa: F401
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated).
 # Parameters: 'embed' (model width) is split over fsdp (ZeRO-3 style); heads,
@@ -51,15 +54,37 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     'act_experts': 'expert',
 }
 
+# Named rule sets; each is the default table with a few names overridden.
+RULE_SETS: dict[str, dict[str, Any]] = {
+    'default': LOGICAL_AXIS_RULES,
+    # Inside the expert shard_map weights keep only their expert (and tensor)
+    # split; the fsdp split of the model width is gathered at the map boundary
+    # (ZeRO-3).
+    'expert_map': LOGICAL_AXIS_RULES | {'expert_embed': None, 'embed': None},
+}
+
+
+def rule_set(name: str) -> dict[str, Any]:
+  """The rule set called `name` (see `RULE_SETS`)."""
+  if name not in RULE_SETS:
+    raise KeyError(f'rule set {name!r} is unknown: one of {sorted(RULE_SETS)}')
+  return RULE_SETS[name]
+
 
 def logical_to_spec(names: Sequence[str | None], mesh: Any = None,
-                    rules: dict[str, Any] | None = None) -> P:
+                    rules: str | Mapping[str, Any] | None = None) -> P:
   """Maps logical names to a PartitionSpec, dropping mesh axes of size 1.
 
   A mesh axis is used at most once per spec (the first dimension wins), and an
   axis the mesh lacks is dropped, so the same names work on any mesh shape.
+  `rules` is a table, the name of one in `RULE_SETS`, or None (the default).
   """
-  rules = LOGICAL_AXIS_RULES if rules is None else rules
+  if rules is None:
+    rules, table_name = LOGICAL_AXIS_RULES, 'LOGICAL_AXIS_RULES'
+  elif isinstance(rules, str):
+    rules, table_name = rule_set(rules), f'rule set {rules!r}'
+  else:
+    table_name = 'the given rules'
   axis_sizes = dict(mesh.shape) if mesh is not None else None
   used: set[str] = set()
   out = []
@@ -68,7 +93,7 @@ def logical_to_spec(names: Sequence[str | None], mesh: Any = None,
       out.append(None)
       continue
     if name not in rules:
-      raise KeyError(f'logical axis {name!r} has no rule in LOGICAL_AXIS_RULES')
+      raise KeyError(f'logical axis {name!r} has no rule in {table_name}')
     target = rules[name]
     axes = (target,) if isinstance(target, str) else tuple(target or ())
     keep = []
@@ -126,9 +151,3 @@ def use_mesh(mesh: jax.sharding.Mesh):
   """Makes `mesh` the ambient mesh for `constrain` and shard_map helpers."""
   with jax.set_mesh(mesh):
     yield mesh
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
-  """Batch arrays: leading dim over the data-like axes, sequence over context."""
-  names = ['batch', 'length'] + [None] * (ndim - 2)
-  return named_sharding(mesh, names[:ndim])

@@ -50,7 +50,7 @@ def abstract_check(cfg: config_lib.Config, mesh_sizes: dict[str, int]) -> dict:
   mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in shd.MESH_AXES), shd.MESH_AXES,
                                    axis_types=(jax.sharding.AxisType.Auto,) * 5)
   mdef = S.model_def(cfg.model)
-  tx = S.make_optimizer(cfg.optimizer, cfg.train.steps)
+  tx = S.make_optimizer(cfg.optimizer, cfg.train.steps, mdef.groups)
   abs_opt = jax.eval_shape(tx.init, mdef.abstract_params)
   state = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': mdef.abstract_params,
            'opt_state': abs_opt}
@@ -78,11 +78,11 @@ def abstract_check(cfg: config_lib.Config, mesh_sizes: dict[str, int]) -> dict:
   n_params = S.param_count(mdef)
   return {
       'params': n_params,
-      'active_params_per_token': flops_lib.matmul_params_per_token(cfg.model),
+      'active_params_per_token': flops_lib.matmul_params_per_token(mdef.spec),
       'devices': num_devices,
       'param_bytes_per_device': param_bytes,
       'state_bytes_per_device': 3 * param_bytes,   # params + Adam mu + nu (f32)
-      'train_flops_per_step': flops_lib.train_flops_per_step(cfg.model, B, T),
+      'train_flops_per_step': flops_lib.train_flops_per_step(mdef.spec, B, T),
       'loss_shape': tuple(metrics['loss'].shape),
   }
 

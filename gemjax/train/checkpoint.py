@@ -26,8 +26,6 @@ from gemjax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-ITEMS = ('state', 'data', 'config')
-
 
 def _key_name(k: Any) -> str:
   for attr in ('key', 'name', 'idx'):

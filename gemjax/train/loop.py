@@ -96,7 +96,7 @@ class Trainer:
   def create(cls, cfg: config_lib.Config) -> 'Trainer':
     mesh = build_mesh(cfg)
     mdef = state_lib.model_def(cfg.model)
-    tx = state_lib.optimizer_for(cfg)
+    tx = state_lib.optimizer_for(cfg, mdef)
     schedule = state_lib.lr_schedule(cfg.optimizer, cfg.train.steps)
     data_iter = data_registry.make_iterator(cfg, 'train', jax.process_index(),
                                             jax.process_count())
@@ -143,7 +143,7 @@ class Trainer:
     primary = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(t.run_dir, tensorboard=t.tensorboard, enabled=primary)
     peak, peak_src = metrics_lib.peak_flops(t.peak_flops)
-    flops_step = flops_lib.train_flops_per_step(cfg.model, t.batch_size, t.seq_len)
+    flops_step = flops_lib.train_flops_per_step(self.mdef.spec, t.batch_size, t.seq_len)
     log.info('model: %s parameters; %.3g FLOPs/step; peak %.3g FLOP/s (%s); mesh %s',
              f'{state_lib.param_count(self.mdef):,}', flops_step, peak, peak_src,
              dict(self.mesh.shape))

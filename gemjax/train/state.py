@@ -4,6 +4,10 @@ The train state is a plain dict `{'step', 'params', 'opt_state'}` of arrays,
 with `params` the model's pure-dict state (what Orbax saves). The model
 structure (NNX graphdef) stays outside the state and is merged inside the
 step, so the same state restores onto any mesh.
+
+The optimizer's parameter groups (no weight decay, own learning rate,
+frozen) come from the parameters' NNX metadata (`gemjax.model.params`): this
+room never names a model path.
 """
 
 from __future__ import annotations
@@ -17,9 +21,21 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gemjax.model.decoder import Decoder, flatten_aux
+from gemjax import batch as batch_lib
+from gemjax.model import params as params_lib
+from gemjax.model.decoder import flatten_aux
 from gemjax.model.loss import cross_entropy
+from gemjax.model.spec import decoder_spec
 from gemjax.parallel import sharding as shd
+
+
+@dataclasses.dataclass
+class ParamGroups:
+  """Per-parameter optimizer settings, pure dicts shaped like the params."""
+  weight_decay: Any         # bool: decayed
+  lr_mult: Any              # float: learning-rate multiplier (1.0 = none)
+  own_lr: Any               # bool: the parameter declares an lr_mult
+  frozen: Any               # bool: no update at all
 
 
 @dataclasses.dataclass
@@ -28,16 +44,32 @@ class ModelDef:
   graphdef: Any
   abstract_params: Any      # pure dict of ShapeDtypeStruct
   logical_axes: Any         # pure dict of tuples of logical names
+  groups: ParamGroups       # optimizer parameter groups from the metadata
+  spec: Any = None          # the DecoderSpec it was built from (FLOPs)
+
+
+def _metadata(state, fn) -> Any:
+  return _to_pure(jax.tree.map(lambda v: fn(v.get_metadata()), state,
+                               is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def param_groups(state) -> ParamGroups:
+  """Reads the parameter groups off an nnx.State's variable metadata."""
+  frozen = _metadata(state, lambda m: bool(m.get(params_lib.FROZEN, False)))
+  return ParamGroups(
+      weight_decay=_metadata(state, lambda m: bool(m.get(params_lib.WEIGHT_DECAY, True))),
+      lr_mult=_metadata(state, lambda m: float(m.get(params_lib.LR_MULT, 1.0))),
+      own_lr=_metadata(state, lambda m: params_lib.LR_MULT in m),
+      frozen=frozen)
 
 
 def model_def(model_cfg) -> ModelDef:
-  abstract = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
+  spec = decoder_spec(model_cfg)
+  abstract = nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   params = nnx.to_pure_dict(state)
-  axes_state = jax.tree.map(lambda v: v.get_metadata().get('out_sharding'), state,
-                            is_leaf=lambda x: isinstance(x, nnx.Variable))
-  axes = _to_pure(axes_state)
-  return ModelDef(graphdef, params, axes)
+  axes = _metadata(state, lambda m: m.get('out_sharding'))
+  return ModelDef(graphdef, params, axes, param_groups(state), spec)
 
 
 def _to_pure(state) -> Any:
@@ -76,64 +108,37 @@ def lr_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
       end_value=opt_cfg.learning_rate * opt_cfg.min_lr_ratio)
 
 
-NO_DECAY_NAMES = ('scale', 'memory_gate')
-
-
-def _decay_mask(params) -> Any:
-  """Weight decay on matrices only: not on norm scales or gates, whose names
-  decide (a scale stacked over scanned layers is 2-D but still a scale)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim >= 2 and _leaf_name(path) not in NO_DECAY_NAMES, params)
-
-
-def _leaf_name(path) -> str:
-  return str(getattr(path[-1], 'key', path[-1])) if path else ''
-
-
-def _scale_by_name(multipliers: dict[str, float]) -> optax.GradientTransformation:
-  """Multiplies the updates of parameters named in `multipliers` (own LR)."""
+def _scale_by_tree(multipliers) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its multiplier (its own LR)."""
   def update(updates, state, params=None):
     del params
-    return jax.tree_util.tree_map_with_path(
-        lambda path, u: u * multipliers.get(_leaf_name(path), 1.0), updates), state
+    return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(opt_cfg, total_steps: int,
-                   lr_multipliers: dict[str, float] | None = None,
-                   frozen_prefixes: tuple[str, ...] = ()) -> optax.GradientTransformation:
-  """AdamW with clipping. `lr_multipliers`: parameter name -> LR multiplier for
-  parameter groups such as Infini-attention's gate (`infini.lr_multipliers`);
-  those parameters get no weight decay."""
-  mults = dict(lr_multipliers or {})
+def make_optimizer(opt_cfg, total_steps: int, groups: ParamGroups) -> optax.GradientTransformation:
+  """AdamW with clipping over the model's parameter groups.
 
-  def mask(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, m: m and _leaf_name(path) not in mults, _decay_mask(params))
-
+  Weight decay only where `groups.weight_decay` (not on norm scales or gates,
+  stacked over scanned layers or not); parameters that declare an `lr_mult`
+  get their updates scaled by it and no weight decay; frozen parameters get a
+  zero update (weight decay included).
+  """
+  decay = jax.tree.map(lambda d, own: d and not own, groups.weight_decay, groups.own_lr)
   chain = [optax.clip_by_global_norm(opt_cfg.clip_norm),
            optax.adamw(lr_schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
-                       eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, mask=mask)]
-  if mults:
-    chain.append(_scale_by_name(mults))
-  if frozen_prefixes:
-    # Frozen parameters get a zero update (weight decay included).
-    def frozen(params):
-      return jax.tree_util.tree_map_with_path(
-          lambda path, _: '/'.join(str(getattr(k, 'key', k)) for k in path).startswith(
-              frozen_prefixes), params)
-    chain.append(optax.masked(optax.set_to_zero(), frozen))
+                       eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, mask=decay)]
+  if any(jax.tree.leaves(groups.own_lr)):
+    chain.append(_scale_by_tree(groups.lr_mult))
+  if any(jax.tree.leaves(groups.frozen)):
+    chain.append(optax.masked(optax.set_to_zero(), groups.frozen))
   return optax.chain(*chain)
 
 
-def optimizer_for(cfg) -> optax.GradientTransformation:
+def optimizer_for(cfg, mdef: ModelDef | None = None) -> optax.GradientTransformation:
   """The run's optimizer: AdamW + the model's parameter groups."""
-  m = cfg.model
-  from gemjax.model import infini  # the gate's own LR, no weight decay
-  mults = infini.lr_multipliers(m)
-  frozen = ('inputs/encoders',) if m.freeze_encoder and m.encoder_layers > 0 else ()
-  return make_optimizer(cfg.optimizer, cfg.train.steps, lr_multipliers=mults,
-                        frozen_prefixes=frozen)
+  mdef = model_def(cfg.model) if mdef is None else mdef
+  return make_optimizer(cfg.optimizer, cfg.train.steps, mdef.groups)
 
 
 def state_shardings(mdef: ModelDef, tx, mesh) -> dict:
@@ -160,9 +165,10 @@ def abstract_state(mdef: ModelDef, tx, mesh) -> dict:
 def init_state(model_cfg, mdef: ModelDef, tx, mesh, seed: int) -> dict:
   """Initialises parameters directly in their sharded layout (never gathered)."""
   shards = state_shardings(mdef, tx, mesh)
+  spec = decoder_spec(model_cfg)
 
   def init():
-    model = Decoder(model_cfg, rngs=nnx.Rngs(seed))
+    model = spec.build(nnx.Rngs(seed))
     params = nnx.to_pure_dict(nnx.state(model))
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
             'opt_state': tx.init(params)}
@@ -216,13 +222,17 @@ def make_eval_step(mdef: ModelDef, model_cfg) -> Callable:
 
 
 def batch_shardings(mesh, batch_spec: dict) -> dict:
-  """Per-key shardings: per-token arrays split over batch and length."""
+  """Per-key shardings from the logical axes of the batch contract.
+
+  `batch_spec`: key -> ndim of the batch's arrays; the ndim is checked
+  against `gemjax.batch.KEYS`, and a key the contract lacks is an error.
+  """
   out = {}
   for key, ndim in batch_spec.items():
-    if key.endswith('_patches') or key.endswith('_slots'):
-      names = ('batch',) + (None,) * (ndim - 1)
-    else:
-      names = ('batch', 'length') + (None,) * (ndim - 2)
+    names = batch_lib.logical_axes(key)
+    if ndim != len(names):
+      raise ValueError(f'batch key {key!r} has {ndim} dimensions; the batch '
+                       f'contract says {len(names)} {names}')
     out[key] = shd.named_sharding(mesh, names)
   return out
 

@@ -1,12 +1,12 @@
-"""Memory-efficient attention: online softmax over query and key chunks.
+"""Blockwise (flash) attention: online softmax over query and key chunks.
 
-The 'blockwise' kernel computes exactly what `attention.dense_attention`
-computes (same mask rule, GQA, float32 softmax statistics) without ever
-materialising the [T, S] score matrix: queries are cut into chunks of
-`block_q`, keys/values into chunks of `block_k`, and each query chunk folds
-the key chunks in one at a time with the online softmax of Milakov &
-Gimelshein 2018, as in Rabe & Staats 2021 ("Self-attention does not need
-O(n^2) memory") and FlashAttention (Dao et al. 2022).
+Computes exactly what `dense.dense_attention` computes (same mask rule, GQA,
+float32 softmax statistics) without ever materialising the [T, S] score
+matrix: queries are cut into chunks of `block_q`, keys/values into chunks of
+`block_k`, and each query chunk folds the key chunks in one at a time with the
+online softmax of Milakov & Gimelshein 2018, as in Rabe & Staats 2021
+("Self-attention does not need O(n^2) memory") and FlashAttention (Dao et
+al. 2022).
 
 The backward pass is a `jax.custom_vjp` that saves only the output and the
 row logsumexp and recomputes the probabilities chunk by chunk
@@ -16,17 +16,12 @@ avoid. A (query chunk, key chunk) pair whose mask is all False is skipped
 with `lax.cond`, so causal and sliding-window attention cost about half /
 T * window of the dense work.
 
-The chunk-level functions (`fwd_chunks`, `bwd_chunks`) work on "chunk-major"
-arrays and are shared with ring attention (`gemjax.parallel.ring_attention`),
-which calls them once per ring step on the visiting key/value shard.
+The chunk-level functions (`to_chunks`, `fwd_chunks`, `bwd_chunks`,
+`init_stats`, `finalize`, `maybe_visible`, `out_delta`) work on "chunk-major"
+arrays and are public: ring attention (`gemjax.parallel.ring_attention`)
+calls them once per ring step on the visiting key/value shard.
 
-Platform kernels (`cudnn` on GPU, Pallas `splash` on TPU) live here too: each
-one checks at trace time whether the backend, dtype and shapes fit and at run
-time whether the batch's mask is expressible (one document per row, no
-bidirectional blocks, identity layout) and otherwise runs 'blockwise'.
-
-Imports jax, `gemjax.model.attention` / `layers` / `registry`; the ring kernel
-is registered by importing `gemjax.parallel.ring_attention` at the bottom.
+Imports jax and `gemjax.kernels.mask`.
 """
 
 from __future__ import annotations
@@ -37,9 +32,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gemjax.model import registry
-from gemjax.model.attention import ATTENTION_KERNELS, NEG_INF, register_kernel, visible_mask
-from gemjax.model.layers import SequenceInfo
+from gemjax.kernels.mask import NEG_INF, visible_mask
 
 DEFAULT_BLOCK = 512
 # Padding ids for rows/columns added to reach a multiple of the chunk size:
@@ -298,11 +291,12 @@ def out_delta(o_c: jax.Array, do_c: jax.Array) -> jax.Array:
   return jnp.sum(do_c.astype(jnp.float32) * o_c.astype(jnp.float32), axis=-1)
 
 
-# ------------------------------------------------------------ one device
+# --------------------------------------------------------- whole kernel
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _blockwise_core(q_c, k_c, v_c, q_meta, kv_meta, causal, window, scale):
+def blockwise_core(q_c, k_c, v_c, q_meta, kv_meta, causal, window, scale):
+  """Chunk-major blockwise attention with the FlashAttention-2 backward."""
   out, _ = _blockwise_fwd(q_c, k_c, v_c, q_meta, kv_meta, causal, window, scale)
   return out
 
@@ -323,203 +317,38 @@ def _blockwise_bwd(causal, window, scale, res, do_c):
   return (dq.astype(q_c.dtype), dk.astype(k_c.dtype), dv.astype(v_c.dtype), None, None)
 
 
-_blockwise_core.defvjp(_blockwise_fwd, _blockwise_bwd)
+blockwise_core.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def to_chunks(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask, *, block_q: int,
+              block_k: int):
+  """Everything `blockwise_core` / `fwd_chunks` take, chunk-major.
+
+  Returns (q_c, k_c, v_c, q_meta, kv_meta); padded query rows and key
+  columns get segment ids that match nothing.
+  """
+  G = k_BxSxGxK.shape[2]
+  q_c = q_to_chunks(q_BxTxHxK, G, block_q)
+  k_c, v_c = kv_to_chunks(k_BxSxGxK, block_k), kv_to_chunks(v_BxSxGxK, block_k)
+  q_meta = meta_to_chunks(mask.segment_ids_BxT, mask.block_ids_BxT, mask.index_BxT,
+                          block_q, pad_segment=_PAD_Q_SEGMENT)
+  kv_meta = meta_to_chunks(kv_mask.segment_ids_BxT, kv_mask.block_ids_BxT,
+                           kv_mask.index_BxT, block_k, pad_segment=_PAD_KV_SEGMENT)
+  return q_c, k_c, v_c, q_meta, kv_meta
 
 
 def blockwise_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
-                        info: SequenceInfo, *, causal: bool = True, window: int = 0,
-                        block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK,
-                        kv_info: SequenceInfo | None = None) -> jax.Array:
-  """Dense attention's result in O(T * block) memory, on the local device.
+                        mask, *, kv_mask=None, causal: bool = True, window: int = 0,
+                        block_q: int = DEFAULT_BLOCK,
+                        block_k: int = DEFAULT_BLOCK) -> jax.Array:
+  """Dense attention's result in O(T * block) memory, on the local arrays.
 
-  Self-attention uses `info` for both sides; `kv_info` (optional) gives the
-  keys' own mask arrays. T and S need not be multiples of the blocks (padded).
+  `mask` holds the queries' mask arrays, `kv_mask` the keys' (default: the
+  same tokens). T and S need not be multiples of the blocks (padded).
   """
-  B, T, H, K = q_BxTxHxK.shape
-  S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
-  kv_info = info if kv_info is None else kv_info
-  q_c = q_to_chunks(q_BxTxHxK, G, block_q)
-  k_c, v_c = kv_to_chunks(k_BxSxGxK, block_k), kv_to_chunks(v_BxSxGxK, block_k)
-  q_meta = meta_to_chunks(info.segment_ids_BxT, info.block_ids_BxT, info.index_BxT,
-                          block_q, pad_segment=_PAD_Q_SEGMENT)
-  kv_meta = meta_to_chunks(kv_info.segment_ids_BxT, kv_info.block_ids_BxT,
-                           kv_info.index_BxT, block_k, pad_segment=_PAD_KV_SEGMENT)
-  o_c = _blockwise_core(q_c, k_c, v_c, q_meta, kv_meta, causal, window, K ** -0.5)
+  kv_mask = mask if kv_mask is None else kv_mask
+  T, K = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
+  q_c, k_c, v_c, q_meta, kv_meta = to_chunks(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask,
+                                             block_q=block_q, block_k=block_k)
+  o_c = blockwise_core(q_c, k_c, v_c, q_meta, kv_meta, causal, window, K ** -0.5)
   return q_from_chunks(o_c, T)
-
-
-@register_kernel('blockwise')
-def blockwise_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info: SequenceInfo, *,
-                     causal: bool = True, window: int = 0,
-                     block: int = DEFAULT_BLOCK) -> jax.Array:
-  """The registered kernel: `blockwise_attention`, sharded over batch and heads.
-
-  Under a multi-device mesh the chunk loop runs inside `jax.shard_map`, so
-  that each device tests and skips its own chunks; a sequence split over
-  'context' is handled by the ring kernel (here it would be all-gathered).
-  """
-  from gemjax.parallel import ring_attention  # late: parallel imports this module
-  return ring_attention.ring_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info,
-                                       causal=causal, window=window, block=block,
-                                       use_ring=False)
-
-
-# ------------------------------------------------------- platform kernels
-
-
-def _identity_layout_one_document(info: SequenceInfo) -> jax.Array:
-  """Run-time test that the mask is plain causal/window over one document.
-
-  True when every row is a single segment (no padding, no packing), has no
-  bidirectional block and is in its original order: what cuDNN's and
-  splash's built-in causal/local masks express.
-  """
-  seg = info.segment_ids_BxT
-  T = seg.shape[1]
-  one_doc = jnp.all(seg == seg[:, :1])
-  no_blocks = jnp.all(info.block_ids_BxT == 0)
-  in_order = jnp.all(info.index_BxT == jnp.arange(T, dtype=info.index_BxT.dtype))
-  return one_doc & no_blocks & in_order
-
-
-def _cudnn_static_ok(q, k, causal: bool, window: int) -> bool:
-  if jax.default_backend() != 'gpu':
-    return False
-  if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
-    return False
-  K = q.shape[-1]
-  if K % 8 or K > 256:
-    return False
-  # cuDNN has only a left window, and only together with the causal mask.
-  return causal or not window
-
-
-@register_kernel('cudnn')
-def cudnn_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info: SequenceInfo, *,
-                 causal: bool = True, window: int = 0,
-                 block: int = DEFAULT_BLOCK) -> jax.Array:
-  """cuDNN fused attention (`jax.nn.dot_product_attention`) where it fits.
-
-  Static fallback (off GPU, f32, odd head dims) and run-time fallback (packed
-  rows, blocks, permuted layouts: `lax.cond`) both go to 'blockwise'.
-  """
-  fallback = functools.partial(blockwise_kernel, causal=causal, window=window, block=block)
-  if not _cudnn_static_ok(q_BxTxHxK, k_BxSxGxK, causal, window):
-    return fallback(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info)
-
-  def fused(q, k, v):
-    return jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal, implementation='cudnn',
-        local_window_size=(window - 1, 0) if window else None)
-
-  return jax.lax.cond(_identity_layout_one_document(info),
-                      lambda q, k, v: fused(q, k, v),
-                      lambda q, k, v: fallback(q, k, v, info),
-                      q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
-
-
-def _splash_static_ok(q, k, causal: bool, window: int, interpret: bool) -> bool:
-  T, S = q.shape[1], k.shape[1]
-  if T != S or T % 128:
-    return False
-  if interpret:
-    return True
-  return jax.default_backend() == 'tpu' and q.shape[-1] % 128 == 0
-
-
-def splash_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info: SequenceInfo, *,
-                     causal: bool, window: int, interpret: bool = False) -> jax.Array:
-  """Pallas splash attention (TPU) with segment ids and a causal/local mask.
-
-  GQA runs splash's multi-query kernel once per KV head (vmap over groups and
-  batch). `interpret=True` runs the Pallas kernel in the interpreter (any
-  backend; slow, for tests).
-  """
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  B, T, H, K = q_BxTxHxK.shape
-  G = k_BxSxGxK.shape[2]
-  R = H // G
-  if causal:
-    mask = sm.LocalMask((T, T), (window - 1, 0), 0) if window else sm.CausalMask((T, T))
-  else:
-    mask = sm.LocalMask((T, T), (window - 1, None), 0) if window else sm.FullMask((T, T))
-  blocks = sk.BlockSizes.get_default()
-  blocks = sk.BlockSizes(**{f: min(getattr(blocks, f), T)
-                            for f in ('block_q', 'block_kv', 'block_kv_compute',
-                                      'block_q_dkv', 'block_kv_dkv', 'block_kv_dkv_compute',
-                                      'block_q_dq', 'block_kv_dq')})
-  kernel = sk.make_splash_mqa(sm.MultiHeadMask([mask] * R), block_sizes=blocks,
-                              head_shards=1, q_seq_shards=1, interpret=interpret)
-  scale = K ** -0.5
-  q_BxGxRxTxK = (q_BxTxHxK * scale).reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4)
-  k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
-  v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
-  seg = info.segment_ids_BxT
-
-  def one(q_RxTxK, k_SxK, v_SxK, seg_T):
-    return kernel(q_RxTxK, k_SxK, v_SxK, segment_ids=sk.SegmentIds(seg_T, seg_T))
-
-  per_group = jax.vmap(one, in_axes=(0, 0, 0, None))
-  o = jax.vmap(per_group)(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, seg)
-  return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H, K)
-
-
-def _splash_mask_ok(info: SequenceInfo) -> jax.Array:
-  """Splash expresses packed segments; it cannot express blocks or layouts."""
-  T = info.index_BxT.shape[1]
-  return (jnp.all(info.block_ids_BxT == 0) &
-          jnp.all(info.index_BxT == jnp.arange(T, dtype=info.index_BxT.dtype)))
-
-
-@register_kernel('splash')
-def splash_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info: SequenceInfo, *,
-                  causal: bool = True, window: int = 0, block: int = DEFAULT_BLOCK,
-                  interpret: bool = False) -> jax.Array:
-  """Splash attention on TPU where it fits, else 'blockwise' (static or lax.cond).
-
-  Under a multi-device mesh the Pallas call is not partitioned by GSPMD, so
-  this kernel falls back to 'blockwise' there (which shards itself); a
-  shard_map wrapper is future work.
-  """
-  fallback = functools.partial(blockwise_kernel, causal=causal, window=window, block=block)
-  from gemjax.parallel.sharding import current_mesh
-  mesh = current_mesh()
-  single = mesh is None or mesh.size == 1
-  if not (single and _splash_static_ok(q_BxTxHxK, k_BxSxGxK, causal, window, interpret)):
-    return fallback(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, info)
-  fused = functools.partial(splash_attention, causal=causal, window=window,
-                            interpret=interpret)
-  return jax.lax.cond(_splash_mask_ok(info),
-                      lambda q, k, v: fused(q, k, v, info),
-                      lambda q, k, v: fallback(q, k, v, info),
-                      q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
-
-
-# ------------------------------------------------------------ registration
-
-
-def sized_kernel(name: str, block: int) -> str:
-  """Registers `name` with chunk size `block` as kernel 'name@block'.
-
-  `Attention` calls kernels with the mask arguments only; the chunk size is
-  a model setting (`model.attention_block`), so each size gets its own entry.
-  """
-  sized = f'{name}@{block}'
-  if sized not in ATTENTION_KERNELS:
-    ATTENTION_KERNELS[sized] = functools.partial(ATTENTION_KERNELS[name], block=block)
-  return sized
-
-
-def _chunked_attention(kernel: str) -> registry.Builder:
-  def build(cfg, spec: registry.LayerSpec, *, rngs):
-    return registry._standard_attention(sized_kernel(kernel, cfg.attention_block))(
-        cfg, spec, rngs=rngs)
-  return build
-
-
-# Registers the 'ring' kernel (the ring module imports this one's chunk code).
-from gemjax.parallel import ring_attention as _ring  # noqa: E402,F401
-
-for _name in ('blockwise', 'ring', 'cudnn', 'splash'):
-  registry.ATTENTION[_name] = _chunked_attention(_name)

@@ -1,0 +1,119 @@
+"""ModelConfig -> DecoderSpec: the only code that reads the model config.
+
+Every module below is built from a small frozen spec of its own part
+(attention, infini, mlp, moe, block, embedder, decoder); this function is
+"whoever builds the decoder" of STYLE.md. It resolves names to specs once:
+the attention kind ('infini' is a sublayer of its own, the rest are kernels
+of `Attention`), which layers of the period are sliding-window or MoE, the
+compute dtype 'auto', and the chunk size of the chunked kernels.
+
+The layer pattern: one *period* of `config.layer_period(cfg)` layers,
+`local_layers` sliding-window layers then a global one, and an MoE
+feed-forward in every `moe.moe_every`-th layer; the decoder scans over
+`num_layers / period` repeats of it. Imports config and the model modules.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from gemjax.batch import CONTINUOUS_MODALITIES
+from gemjax.config import ModelConfig, layer_period
+from gemjax.model.attention import AttentionSpec
+from gemjax.model.block import BlockSpec
+from gemjax.model.decoder import Decoder, DecoderSpec
+from gemjax.model.embed import EmbedderSpec
+from gemjax.model.infini import InfiniSpec
+from gemjax.model.mlp import MLPSpec
+from gemjax.model.moe import MoESpec
+
+
+def resolve_compute_dtype(name: str) -> str:
+  """'auto': float32 on CPU, bfloat16 on GPU/TPU."""
+  if name == 'auto':
+    return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  return name
+
+
+def attention_spec(cfg: ModelConfig, *, kernel: str, window: int = 0,
+                   causal: bool = True) -> AttentionSpec:
+  return AttentionSpec(
+      d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, rope_base=cfg.rope_base,
+      mrope_sections=tuple(cfg.mrope_sections), qk_norm=cfg.qk_norm, kernel=kernel,
+      block=cfg.attention_block, window=window, causal=causal, norm_eps=cfg.norm_eps,
+      compute_dtype=resolve_compute_dtype(cfg.compute_dtype), param_dtype=cfg.param_dtype)
+
+
+def _attention(cfg: ModelConfig, window: int):
+  if cfg.attention == 'infini':
+    i = cfg.infini
+    # Inside a segment the full score matrix: segments are short.
+    return InfiniSpec(attention_spec(cfg, kernel='dense', window=window),
+                      segment_len=i.segment_len, update=i.update, gate_lr_mult=i.gate_lr_mult)
+  return attention_spec(cfg, kernel=cfg.attention, window=window)
+
+
+def _feed_forward(cfg: ModelConfig, moe: bool):
+  cd = resolve_compute_dtype(cfg.compute_dtype)
+  if not moe:
+    return MLPSpec(cfg.d_model, cfg.mlp_dim, compute_dtype=cd, param_dtype=cfg.param_dtype)
+  m = cfg.moe
+  expert_dim = m.expert_dim or cfg.mlp_dim
+  return MoESpec(cfg.d_model, expert_dim, m.num_experts, m.top_k,
+                 shared_dim=m.shared_experts * expert_dim, renormalize=m.renormalize,
+                 capacity_factor=m.capacity_factor, path=m.path,
+                 router_z_loss=m.router_z_loss, load_balance_loss=m.load_balance_loss,
+                 compute_dtype=cd, param_dtype=cfg.param_dtype)
+
+
+def _block(cfg: ModelConfig, attention, mlp) -> BlockSpec:
+  return BlockSpec(attention, mlp, d_model=cfg.d_model, norm_eps=cfg.norm_eps,
+                   param_dtype=cfg.param_dtype)
+
+
+def period_specs(cfg: ModelConfig) -> tuple[BlockSpec, ...]:
+  """The blocks of one period of the layer pattern."""
+  attn_period = cfg.local_layers + 1
+  moe_every = cfg.moe.moe_every if cfg.moe.num_experts else 1
+  blocks = []
+  for i in range(layer_period(cfg)):
+    local = cfg.local_layers > 0 and (i % attn_period) < cfg.local_layers
+    is_moe = cfg.moe.num_experts > 0 and (i + 1) % moe_every == 0
+    blocks.append(_block(cfg, _attention(cfg, cfg.window if local else 0),
+                         _feed_forward(cfg, is_moe)))
+  return tuple(blocks)
+
+
+def embedder_spec(cfg: ModelConfig) -> EmbedderSpec:
+  dims = tuple((m, getattr(cfg, f'{m}_patch_dim')) for m in CONTINUOUS_MODALITIES
+               if getattr(cfg, f'{m}_patch_dim') > 0)
+  # Late-fusion encoders: bidirectional full attention inside each media block.
+  encoder = _block(cfg, attention_spec(cfg, kernel='dense', causal=False),
+                   _feed_forward(cfg, moe=False))
+  return EmbedderSpec(
+      d_model=cfg.d_model, patch_dims=dims, encoder=encoder,
+      encoder_layers=cfg.encoder_layers,
+      freeze_encoders=cfg.freeze_encoder and cfg.encoder_layers > 0, norm_eps=cfg.norm_eps,
+      compute_dtype=resolve_compute_dtype(cfg.compute_dtype), param_dtype=cfg.param_dtype)
+
+
+def decoder_spec(cfg: ModelConfig) -> DecoderSpec:
+  """The spec of the whole model a (validated) ModelConfig describes."""
+  period = period_specs(cfg)
+  if cfg.num_layers % len(period):
+    raise ValueError(f'num_layers={cfg.num_layers} is not a multiple of the layer '
+                     f'pattern period {len(period)}')
+  return DecoderSpec(
+      vocab_size=cfg.vocab_size, d_model=cfg.d_model, period=period,
+      num_groups=cfg.num_layers // len(period), embedder=embedder_spec(cfg),
+      tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std, norm_eps=cfg.norm_eps,
+      remat=cfg.remat, scan_layers=cfg.scan_layers,
+      compute_dtype=resolve_compute_dtype(cfg.compute_dtype), param_dtype=cfg.param_dtype)
+
+
+def build_decoder(cfg: ModelConfig, rngs: nnx.Rngs) -> Decoder:
+  """`decoder_spec(cfg).build(rngs)`."""
+  return decoder_spec(cfg).build(rngs)
+
