@@ -2,7 +2,7 @@
 
 The golden files under tests/golden/sharding/ record what each preset's
 parameters and batch get on its intended (abstract) mesh; see
-gemjax/parallel/golden.py.
+gemjax/train/golden.py.
 """
 
 import difflib
@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from gemjax.parallel import golden
+from gemjax.train import golden
 
 
 @pytest.mark.parametrize('name', golden.PRESETS)

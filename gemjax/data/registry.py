@@ -16,7 +16,10 @@ SOURCES: dict[str, Callable] = {}
 
 
 def register_source(name: str):
+  """Adds a source builder; a name registered twice is an error, not an override."""
   def deco(fn):
+    if name in SOURCES:
+      raise ValueError(f'data source {name!r} is already registered ({SOURCES[name]!r})')
     SOURCES[name] = fn
     return fn
   return deco

@@ -11,15 +11,15 @@ PartitionSpec it gets on the preset's intended mesh, one sorted line each:
 or moves it to another mesh axis shows up as a diff in review. When the change
 is intended, rewrite the files:
 
-    python -m gemjax.parallel.golden --update
+    python -m gemjax.train.golden --update
 
 The mesh is a `jax.sharding.AbstractMesh` (nothing is allocated; the ultra
 model evaluates in seconds). A preset whose mesh has a -1 axis is taken on
 `FILL_DEVICES` devices (the 8-device CPU mesh the sharded tests use).
 
-A tool, not a library room: it sits in parallel/ because it records
-parallel/'s facts, and it imports upward (gemjax.config, gemjax.batch, the
-model through gemjax.train.state.model_def). Nothing in gemjax imports it.
+It records parallel/'s facts but needs the model (`train.state.model_def`),
+so it lives on the top floor with the other rooms that compose the model and
+the mesh. Nothing in gemjax imports it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from gemjax.parallel import sharding as shd
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRESETS = ('nano', 'nano-moe', 'pro', 'ultra')
 GOLDEN_DIR = os.path.join(ROOT, 'tests', 'golden', 'sharding')
-UPDATE_COMMAND = 'python -m gemjax.parallel.golden --update'
+UPDATE_COMMAND = 'python -m gemjax.train.golden --update'
 FILL_DEVICES = 8
 
 # Logical axes of the batch keys (the contract in gemjax/batch.py).
