@@ -8,12 +8,15 @@ what differs from the defaults below; the command line adds dotted overrides:
 
 OmegaConf does the merging and type checking; this module turns its errors into
 `ConfigError`s that name the key, the value and what would be valid, and adds
-the cross-field checks OmegaConf cannot know (heads divisible by the tensor
-axis, mesh product equal to the device count, ...).
+the cross-field checks OmegaConf cannot know (heads divisible by the KV heads,
+the layer count a multiple of the layer pattern, ...). The checks that need the
+device count live in `gemjax.parallel.mesh`.
 
 Only the code that *builds* things (the decoder, the mesh, the optimizer, the
 data source) reads these sections; layers take plain numbers. Imports nothing
-from the rest of gemjax except `errors`.
+from the rest of gemjax except `errors`: no model, data or jax code, so a
+preset loads and validates with only omegaconf (tests/test_names.py checks the
+name tables below against the tables that implement them).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import dataclasses
 import difflib
 import math
 import os
+import typing
 from typing import Any, Sequence
 
 import omegaconf
@@ -39,7 +43,9 @@ MLP_KINDS = ('swiglu',)
 MOE_PATHS = ('auto', 'capacity', 'dropless')
 INFINI_UPDATES = ('linear', 'delta')
 CONTEXT_LAYOUTS = ('contiguous', 'zigzag', 'striped')
-DATA_SOURCES = ('synthetic', 'text_file', 'grain', 'passkey')
+# Built-in data sources; `gemjax.data.registry.register_source` appends a
+# plug-in's name here, so a user source validates like a built-in one.
+DATA_SOURCES = ['synthetic', 'text_file', 'grain', 'passkey']
 
 
 @dataclasses.dataclass
@@ -80,8 +86,9 @@ class ModelConfig:
   mlp_dim: int = 512
   rope_base: float = 10_000.0
   # Fractions (t, h, w) of the rotary frequency pairs for multimodal RoPE.
-  # On text (t = h = w) any split equals plain 1D RoPE.
-  mrope_sections: tuple[int, int, int] = (2, 1, 1)
+  # On text (t = h = w) any split equals plain 1D RoPE. Typed as any length so
+  # that a wrong one reaches validate() and its message, not OmegaConf's.
+  mrope_sections: tuple[int, ...] = (2, 1, 1)
   qk_norm: bool = True
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
@@ -260,9 +267,6 @@ class Config:
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
-from gemjax.parallel.axes import MESH_AXES  # noqa: E402  (imports nothing)
-
-
 # ------------------------------------------------------------------ loading
 
 
@@ -277,16 +281,37 @@ def _known_keys(node: Any, prefix: str = '') -> list[str]:
   return keys
 
 
-def _inside_list(key: str) -> bool:
-  """'data.datasets.0.weight': list entries are checked by OmegaConf itself."""
-  node: Any = Config()
-  for part in key.split('.'):
-    if isinstance(node, list):
-      return True
-    if not dataclasses.is_dataclass(node) or not hasattr(node, part):
-      return False
-    node = getattr(node, part)
-  return isinstance(node, list)
+def _type_at(key: str) -> Any:
+  """The declared type of a dotted key, through list entries:
+  'data.datasets.0.weight' (or OmegaConf's 'data.datasets[0].weight') -> float.
+  KeyError for a key the dataclasses do not declare."""
+  t: Any = Config
+  for part in key.replace('[', '.').replace(']', '').split('.'):
+    if typing.get_origin(t) is list and part.isdigit():
+      t = typing.get_args(t)[0]
+    elif dataclasses.is_dataclass(t) and part in typing.get_type_hints(t):
+      t = typing.get_type_hints(t)[part]
+    else:
+      raise KeyError(key)
+  return t
+
+
+def _type_name(t: Any) -> str:
+  return t.__name__ if isinstance(t, type) else str(t)
+
+
+def _list_prefix(key: str) -> str | None:
+  """'data.datasets.0.weight' -> 'data.datasets': the list field a key goes
+  *into* (an entry or an entry's field); None for any other key."""
+  t: Any = Config
+  parts = key.split('.')
+  for i, part in enumerate(parts):
+    if typing.get_origin(t) is list:
+      return '.'.join(parts[:i])
+    if not dataclasses.is_dataclass(t) or part not in typing.get_type_hints(t):
+      return None
+    t = typing.get_type_hints(t)[part]
+  return None
 
 
 def _unknown_key_error(key: str, where: str) -> ConfigError:
@@ -308,21 +333,80 @@ def _check_keys(tree: Any, where: str, prefix: str = '') -> None:
       raise _unknown_key_error(path, where)
     if isinstance(v, dict):
       _check_keys(v, where, path + '.')
-    elif isinstance(v, list) and _inside_list(path):
+    elif isinstance(v, list) and typing.get_origin(_type_at(path)) is list:
+      entry_type = typing.get_args(_type_at(path))[0]
+      if not dataclasses.is_dataclass(entry_type):
+        continue
+      names = [f.name for f in dataclasses.fields(entry_type)]
       for i, entry in enumerate(v):
         if isinstance(entry, dict):
           for ek in entry:
-            if ek not in {f.name for f in dataclasses.fields(DatasetConfig)}:
-              close = difflib.get_close_matches(
-                  ek, [f.name for f in dataclasses.fields(DatasetConfig)], n=1)
+            if ek not in names:
+              close = difflib.get_close_matches(ek, names, n=1)
               hint = f"; did you mean '{close[0]}'?" if close else ''
               raise ConfigError(f"{where}: unknown key '{path}[{i}].{ek}'{hint}")
 
 
+def _parse_value(value: str) -> Any:
+  """A command-line value parsed as OmegaConf's dotlist parses it (YAML)."""
+  return OmegaConf.from_dotlist([f'value={value}'])['value']
+
+
+def _set_list_entry(merged: Any, key: str, list_key: str, value: str,
+                    where: str) -> None:
+  """`data.datasets.0.weight=3`: sets a field of an entry that exists (the
+  preset made the list), naming the list length or the entry's fields."""
+  entries = OmegaConf.select(merged, list_key)
+  index, *rest = key[len(list_key) + 1:].split('.')
+  if not index.isdigit():
+    raise ConfigError(f"{where}: '{key}': entries of {list_key} are addressed by "
+                      f'index ({list_key}.0, {list_key}.1, ...), got {index!r}')
+  n = len(entries)
+  if int(index) >= n:
+    valid = (f'valid indices are 0..{n - 1}' if n else
+             f'set the whole list instead, e.g. {list_key}=[...]')
+    raise ConfigError(f"{where}: '{key}': index {index} is out of range; {list_key} "
+                      f'has {n} entries; {valid}')
+  entry_type = typing.get_args(_type_at(list_key))[0]
+  if rest:
+    if not dataclasses.is_dataclass(entry_type):
+      raise ConfigError(f"{where}: '{key}': entries of {list_key} are "
+                        f'{_type_name(entry_type)} values, they have no fields')
+    names = [f.name for f in dataclasses.fields(entry_type)]
+    if len(rest) > 1 or rest[0] not in names:
+      close = difflib.get_close_matches(rest[0], names, n=1)
+      hint = f"; did you mean '{list_key}.{index}.{close[0]}'?" if close else ''
+      raise ConfigError(f"{where}: unknown config key '{key}'{hint} (entries of "
+                        f"{list_key} have the fields {', '.join(names)})")
+  try:
+    OmegaConf.update(merged, key, _parse_value(value), merge=True)
+  except omegaconf.errors.OmegaConfBaseException as e:
+    raise ConfigError(f'{where}: {key}={value!r} is not a valid '
+                      f'{_type_name(_type_at(key))}') from e
+
+
+def _merge(merged: Any, layer: Any, where: str, key: str | None = None) -> Any:
+  """OmegaConf.merge with its errors turned into ones that name the key;
+  `key` is the override's own key, for errors OmegaConf does not locate."""
+  try:
+    return OmegaConf.merge(merged, layer)
+  except omegaconf.errors.ValidationError as e:
+    key = getattr(e, 'full_key', None) or key
+    if not key:
+      raise ConfigError(f'{where}: {e}') from e
+    raise ConfigError(f'{where}: {key}={_value_of(layer, key)!r} is not a '
+                      f'valid {_expected_type(key)}') from e
+  except omegaconf.errors.OmegaConfBaseException as e:
+    raise ConfigError(f'{where}: {e}') from e
+
+
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-  """Defaults <- YAML preset <- dotted overrides, then validation."""
-  base = OmegaConf.structured(Config)
-  layers = []
+  """Defaults <- YAML preset <- dotted overrides, then validation.
+
+  An override may reach into a list the preset wrote:
+  `data.datasets.0.weight=3` sets a field of the first dataset entry.
+  """
+  merged = OmegaConf.structured(Config)
   if path:
     if not os.path.exists(path):
       raise ConfigError(f'config file {path!r} does not exist')
@@ -332,37 +416,26 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
       raise ConfigError(f'config file {path!r} is not valid YAML: {e}') from e
     raw = raw or {}
     _check_keys(raw, path)
-    layers.append((OmegaConf.create(raw), path))
+    merged = _merge(merged, OmegaConf.create(raw), path)
   for item in overrides:
     if '=' not in item:
       raise ConfigError(f"override {item!r} must look like 'section.key=value'")
     key, value = item.split('=', 1)
-    if key not in set(_known_keys(Config())) and not _inside_list(key):
+    where = f'override {item!r}'
+    list_key = _list_prefix(key)
+    if list_key:
+      _set_list_entry(merged, key, list_key, value, where)
+      continue
+    if key not in set(_known_keys(Config())):
       raise _unknown_key_error(key, 'command line')
-    if dataclasses.is_dataclass(_get(Config(), key)):
+    section = _type_at(key)
+    if dataclasses.is_dataclass(section):
       raise ConfigError(f"command line: '{key}' is a section; set one of its "
-                        f'keys, e.g. {key}.{dataclasses.fields(_get(Config(), key))[0].name}=...')
-    layers.append((OmegaConf.from_dotlist([f'{key}={value}']), f'override {item!r}'))
-  merged = base
-  for layer, where in layers:
-    try:
-      merged = OmegaConf.merge(merged, layer)
-    except omegaconf.errors.ValidationError as e:
-      key = getattr(e, 'full_key', '?')
-      expected = _expected_type(key)
-      raise ConfigError(f'{where}: {key}={_value_of(layer, key)!r} is not a '
-                        f'valid {expected}') from e
-    except omegaconf.errors.OmegaConfBaseError as e:
-      raise ConfigError(f'{where}: {e}') from e
+                        f'keys, e.g. {key}.{dataclasses.fields(section)[0].name}=...')
+    merged = _merge(merged, OmegaConf.from_dotlist([f'{key}={value}']), where, key)
   cfg = OmegaConf.to_object(merged)
   validate(cfg)
   return cfg
-
-
-def _get(obj: Any, dotted: str) -> Any:
-  for part in dotted.split('.'):
-    obj = getattr(obj, part)
-  return obj
 
 
 def _value_of(layer: Any, key: str) -> Any:
@@ -374,10 +447,8 @@ def _value_of(layer: Any, key: str) -> Any:
 
 def _expected_type(key: str) -> str:
   try:
-    section, name = key.split('.', 1)
-    field = {f.name: f for f in dataclasses.fields(_get(Config(), section))}[name]
-    return str(field.type)
-  except Exception:  # pragma: no cover
+    return _type_name(_type_at(key))
+  except KeyError:  # pragma: no cover
     return 'value'
 
 
@@ -396,35 +467,6 @@ def _fail(key: str, value: Any, valid: str) -> None:
   raise ConfigError(f'{key}={value!r} is invalid: {valid}')
 
 
-def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
-  """Axis sizes with the single -1 filled; errors name the axes and the count."""
-  sizes = {a: getattr(mesh, a) for a in MESH_AXES}
-  fill = [a for a, s in sizes.items() if s == -1]
-  for a, s in sizes.items():
-    if s == 0 or s < -1:
-      _fail(f'mesh.{a}', s, 'axis sizes are positive, or -1 for "the rest"')
-  if len(fill) > 1:
-    raise ConfigError(f'mesh: only one axis may be -1, got {fill}')
-  fixed = math.prod(s for s in sizes.values() if s != -1) * mesh.dcn_data
-  if fill:
-    if num_devices % fixed:
-      raise ConfigError(
-          f'mesh: the fixed axes {_fmt(sizes)} x dcn_data={mesh.dcn_data} '
-          f'(product {fixed}) do not divide the {num_devices} devices, so '
-          f'mesh.{fill[0]}=-1 cannot be filled')
-    sizes[fill[0]] = num_devices // fixed
-  elif fixed != num_devices:
-    raise ConfigError(
-        f'mesh: the product of the axes {_fmt(sizes)} x dcn_data='
-        f'{mesh.dcn_data} is {fixed}, but there are {num_devices} devices; '
-        'make the product equal the device count or set one axis to -1')
-  return sizes
-
-
-def _fmt(sizes: dict[str, int]) -> str:
-  return ', '.join(f'{k}={v}' for k, v in sizes.items())
-
-
 def _check_name(key: str, name: str, valid: Sequence[str]) -> None:
   if name not in valid:
     close = difflib.get_close_matches(name, list(valid), n=1)
@@ -432,9 +474,10 @@ def _check_name(key: str, name: str, valid: Sequence[str]) -> None:
     _fail(key, name, f'one of {sorted(valid)}{hint}')
 
 
-def layer_period(m: ModelConfig) -> int:
+def layer_period(model_cfg: ModelConfig) -> int:
   """Layers in one repeat of the layer pattern (local/global x MoE every n-th)."""
-  return math.lcm(m.local_layers + 1, m.moe.moe_every if m.moe.num_experts else 1)
+  moe = model_cfg.moe
+  return math.lcm(model_cfg.local_layers + 1, moe.moe_every if moe.num_experts else 1)
 
 
 def _check_layers(m: ModelConfig) -> None:
@@ -481,8 +524,10 @@ def _check_moe(moe: MoEConfig) -> None:
       bad(key, 'a loss coefficient >= 0')
 
 
-def validate(cfg: Config, num_devices: int | None = None) -> None:
-  """Cross-field checks. `num_devices` enables the mesh checks."""
+def validate(cfg: Config) -> None:
+  """Cross-field checks of a config on its own. The checks that need the
+  device count (mesh shape, splits over its axes) are
+  `gemjax.parallel.mesh.validate_mesh`."""
   m = cfg.model
   for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads',
               'num_kv_heads', 'head_dim', 'mlp_dim'):
@@ -542,35 +587,3 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
       _fail('model.audio_patch_dim', m.audio_patch_dim,
             f'must be data.audio_patch_frames * data.audio_patch_mels = '
             f'{d.audio_patch_frames * d.audio_patch_mels}')
-  if num_devices is not None:
-    validate_mesh(cfg, num_devices)
-
-
-def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
-  sizes = resolve_mesh_shape(cfg.mesh, num_devices)
-  m = cfg.model
-  tp = sizes['tensor']
-  if m.num_heads % tp:
-    _fail('model.num_heads', m.num_heads,
-          f'must be divisible by mesh.tensor={tp} (heads are split over it)')
-  if m.num_kv_heads % tp and tp % m.num_kv_heads:
-    _fail('model.num_kv_heads', m.num_kv_heads,
-          f'must divide or be divisible by mesh.tensor={tp}')
-  if m.mlp_dim % tp:
-    _fail('model.mlp_dim', m.mlp_dim, f'must be divisible by mesh.tensor={tp}')
-  if m.moe.num_experts and m.moe.num_experts % sizes['expert']:
-    _fail('model.moe.num_experts', m.moe.num_experts,
-          f"must be divisible by mesh.expert={sizes['expert']} (experts are split over it)")
-  batch_shards = sizes['data'] * sizes['fsdp'] * sizes['expert'] * cfg.mesh.dcn_data
-  if cfg.train.batch_size % batch_shards:
-    _fail('train.batch_size', cfg.train.batch_size,
-          f'must be divisible by the batch shards data*fsdp*expert*dcn_data={batch_shards}')
-  if cfg.train.seq_len % sizes['context']:
-    _fail('train.seq_len', cfg.train.seq_len,
-          f"must be divisible by mesh.context={sizes['context']}")
-  if sizes['context'] > 1 and cfg.mesh.context_layout == 'zigzag' and \
-      cfg.train.seq_len % (2 * sizes['context']):
-    _fail('train.seq_len', cfg.train.seq_len,
-          f"must be divisible by 2 * mesh.context={2 * sizes['context']} for "
-          "mesh.context_layout='zigzag' (or use 'striped')")
-  return sizes

@@ -1,9 +1,17 @@
 """Config loading and validation: errors name the key, the value, what is valid."""
 
-import pytest
+import os
+import subprocess
+import sys
 
-from gemjax.config import load_config, validate
+import pytest
+from omegaconf import OmegaConf
+
+from gemjax.config import load_config
 from gemjax.errors import ConfigError
+from gemjax.parallel.mesh import validate_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_presets_load_and_overrides_apply():
@@ -34,25 +42,25 @@ def test_bad_overrides_name_key_and_valid_values(override, message):
 def test_mesh_errors_name_axes_and_device_count():
   cfg = load_config(None, ['mesh.data=2', 'mesh.fsdp=2'])
   with pytest.raises(ConfigError, match=r'product of the axes .*is 4, but there are 8 devices'):
-    validate(cfg, num_devices=8)
+    validate_mesh(cfg, num_devices=8)
   cfg = load_config(None, ['mesh.tensor=8', 'model.num_heads=4', 'model.num_kv_heads=4'])
   with pytest.raises(ConfigError, match=r'model.num_heads=4 is invalid: must be divisible by mesh.tensor=8'):
-    validate(cfg, num_devices=8)
+    validate_mesh(cfg, num_devices=8)
   cfg = load_config(None, ['mesh.data=-1', 'mesh.fsdp=3'])
   with pytest.raises(ConfigError, match=r'do not divide the 8 devices'):
-    validate(cfg, num_devices=8)
+    validate_mesh(cfg, num_devices=8)
   cfg = load_config(None, ['train.batch_size=4', 'mesh.data=8'])
   with pytest.raises(ConfigError, match=r'train.batch_size=4 is invalid: must be divisible by the batch shards'):
-    validate(cfg, num_devices=8)
+    validate_mesh(cfg, num_devices=8)
 
 
 def test_zigzag_layout_needs_two_chunks_per_context_shard():
   cfg = load_config(None, ['mesh.data=2', 'mesh.context=4', 'train.seq_len=20'])
   with pytest.raises(ConfigError, match=r"train.seq_len=20 is invalid: must be divisible by "
                                         r"2 \* mesh.context=8 for mesh.context_layout='zigzag'"):
-    validate(cfg, num_devices=8)
-  validate(load_config(None, ['mesh.data=2', 'mesh.context=4', 'train.seq_len=20',
-                              'mesh.context_layout=striped']), num_devices=8)
+    validate_mesh(cfg, num_devices=8)
+  validate_mesh(load_config(None, ['mesh.data=2', 'mesh.context=4', 'train.seq_len=20',
+                                   'mesh.context_layout=striped']), num_devices=8)
 
 
 def test_yaml_errors_name_the_file(tmp_path):
@@ -62,3 +70,51 @@ def test_yaml_errors_name_the_file(tmp_path):
     load_config(str(bad))
   with pytest.raises(ConfigError, match='does not exist'):
     load_config(str(tmp_path / 'nope.yaml'))
+
+
+def test_override_sets_a_field_of_a_list_entry_the_preset_wrote():
+  base = load_config('configs/nano.yaml')
+  cfg = load_config('configs/nano.yaml', ['data.datasets.0.weight=3',
+                                          'data.datasets.6.path=data/other-*'])
+  assert cfg.data.datasets[0].weight == 3.0
+  assert cfg.data.datasets[6].path == 'data/other-*'
+  # Every other entry and field is the preset's.
+  assert cfg.data.datasets[0].path == base.data.datasets[0].path
+  assert cfg.data.datasets[1:6] == base.data.datasets[1:6]
+
+
+@pytest.mark.parametrize('override, message', [
+    ('data.datasets.7.weight=3', r"'data.datasets.7.weight': index 7 is out of range; "
+                                 r'data.datasets has 7 entries; valid indices are 0..6'),
+    ('data.datasets.0.wieght=3', r"unknown config key 'data.datasets.0.wieght'; did you mean "
+                                 r"'data.datasets.0.weight'\? \(entries of data.datasets have "
+                                 r'the fields path, weight, kind'),
+    ('data.datasets.first.weight=3', r'entries of data.datasets are addressed by index'),
+    ('data.datasets.0.weight=heavy', r"data.datasets.0.weight='heavy' is not a valid float"),
+    ('eval.passkey_lengths.0=256', r"index 0 is out of range; eval.passkey_lengths has 0 "
+                                   r'entries; set the whole list instead'),
+])
+def test_bad_list_entry_overrides_name_the_key_and_what_is_valid(override, message):
+  with pytest.raises(ConfigError, match=message):
+    load_config('configs/nano.yaml', [override])
+
+
+@pytest.mark.parametrize('sections', ['[1,1]', '[1,1,1,1]', '[1,-1,1]', '[0,0,0]'])
+def test_mrope_sections_of_wrong_length_or_sign_get_the_config_message(sections):
+  with pytest.raises(ConfigError, match=r'model.mrope_sections=\(.*\) is invalid: three '
+                                        r'non-negative weights for the \(t, h, w\) rotary sections'):
+    load_config(None, [f'model.mrope_sections={sections}'])
+
+
+@pytest.mark.parametrize('entry', [['train.py'], ['-m', 'gemjax.train']])
+def test_print_config_prints_the_resolved_yaml_and_builds_nothing(entry, tmp_path):
+  run_dir = tmp_path / 'run'
+  out = subprocess.run(
+      [sys.executable, *entry, 'configs/nano.yaml', 'model.num_layers=8',
+       'data.datasets.0.weight=3', f'train.run_dir={run_dir}', '--print-config'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stdout + out.stderr
+  printed = OmegaConf.create(out.stdout)
+  assert printed.model.num_layers == 8 and printed.data.datasets[0].weight == 3.0
+  assert printed.train.steps == 2000     # from the preset
+  assert not run_dir.exists()            # no trainer, no checkpoint directory

@@ -329,7 +329,7 @@ def test_moe_config_errors_name_the_key():
     load_config(None, ['model.moe.num_experts=4', 'model.moe.top_k=5'])
   with pytest.raises(ConfigError, match='model.moe.path'):
     load_config(None, ['model.moe.num_experts=4', 'model.moe.path=ragged'])
-  from gemjax.config import validate_mesh
+  from gemjax.parallel.mesh import validate_mesh
   cfg = load_config(None, ['model.moe.num_experts=6', 'mesh.data=1', 'mesh.expert=4',
                            'train.batch_size=8'])
   with pytest.raises(ConfigError, match='model.moe.num_experts'):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from gemjax import config
 from gemjax.data import simple
 
 SOURCES: dict[str, Callable] = {}
@@ -21,6 +22,8 @@ def register_source(name: str):
     if name in SOURCES:
       raise ValueError(f'data source {name!r} is already registered ({SOURCES[name]!r})')
     SOURCES[name] = fn
+    if name not in config.DATA_SOURCES:
+      config.DATA_SOURCES.append(name)   # the config language learns the plug-in's name
     return fn
   return deco
 

@@ -151,10 +151,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] in ('-h', '--help'):
     print(__doc__)
+    print('usage: python eval.py [CONFIG.yaml] [section.key=value ...] [--print-config]')
     return 0
+  # --print-config: the config eval would use (the checkpoint's, with the
+  # command line on top) as YAML, then exit.
+  print_config = '--print-config' in argv
+  argv = [a for a in argv if a != '--print-config']
   path = argv.pop(0) if argv and '=' not in argv[0] else None
   try:
     cfg = resolve_config(path, argv)
+    if print_config:
+      print(config_lib.to_yaml(cfg), end='')
+      return 0
     maybe_initialize_distributed(cfg.mesh)
     params, mdef, mesh = load_for_eval(cfg)
     report = evaluate(cfg, params, mesh, mdef)

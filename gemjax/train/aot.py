@@ -22,6 +22,7 @@ import numpy as np
 from gemjax import config as config_lib
 from gemjax.errors import ConfigError
 from gemjax.model import flops as flops_lib
+from gemjax.parallel import mesh as mesh_lib
 from gemjax.parallel import sharding as shd
 from gemjax.train import state as S
 
@@ -46,7 +47,7 @@ def abstract_check(cfg: config_lib.Config, mesh_sizes: dict[str, int]) -> dict:
   num_devices = math.prod(sizes.values())
   config_lib.validate(cfg)
   intended = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn_data=1, **sizes))
-  config_lib.validate_mesh(intended, num_devices)
+  mesh_lib.validate_mesh(intended, num_devices)
   mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in shd.MESH_AXES), shd.MESH_AXES,
                                    axis_types=(jax.sharding.AxisType.Auto,) * 5)
   mdef = S.model_def(cfg.model)

@@ -34,6 +34,7 @@ import jax
 from gemjax import batch as batch_lib
 from gemjax import config as config_lib
 from gemjax.parallel import axes
+from gemjax.parallel import mesh as mesh_lib
 from gemjax.parallel import sharding as shd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,7 +73,7 @@ def intended_mesh(cfg: config_lib.Config) -> jax.sharding.AbstractMesh:
     num_devices = FILL_DEVICES
   else:
     num_devices = math.prod(sizes.values()) * cfg.mesh.dcn_data
-  sizes = config_lib.resolve_mesh_shape(cfg.mesh, num_devices)
+  sizes = mesh_lib.resolve_mesh_shape(cfg.mesh, num_devices)
   sizes[axes.MESH_AXES[0]] *= cfg.mesh.dcn_data   # as make_mesh lays it out
   return jax.sharding.AbstractMesh(
       tuple(sizes[a] for a in axes.MESH_AXES), axes.MESH_AXES,

@@ -31,6 +31,7 @@ from gemjax.data import registry as data_registry
 from gemjax.errors import CheckpointError, GemjaxError
 from gemjax.model import flops as flops_lib
 from gemjax.parallel import layouts
+from gemjax.parallel import mesh as mesh_lib
 from gemjax.parallel import sharding as shd
 from gemjax.train import checkpoint as ckpt_lib
 from gemjax.train import metrics as metrics_lib
@@ -58,7 +59,7 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
 
 
 def build_mesh(cfg) -> jax.sharding.Mesh:
-  sizes = config_lib.validate_mesh(cfg, jax.device_count())
+  sizes = mesh_lib.validate_mesh(cfg, jax.device_count())
   return shd.make_mesh(sizes, dcn_data=cfg.mesh.dcn_data) if cfg.mesh.dcn_data > 1 \
       else shd.make_mesh(sizes, devices=jax.devices())
 
@@ -256,11 +257,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] in ('-h', '--help'):
     print(__doc__)
-    print('usage: python train.py [CONFIG.yaml] [section.key=value ...]')
+    print('usage: python train.py [CONFIG.yaml] [section.key=value ...] [--print-config]')
     return 0
+  # --print-config: the resolved config as YAML, then exit (nothing is built).
+  print_config = '--print-config' in argv
+  argv = [a for a in argv if a != '--print-config']
   path = argv.pop(0) if argv and '=' not in argv[0] else None
   try:
     cfg = config_lib.load_config(path, argv)
+    if print_config:
+      print(config_lib.to_yaml(cfg), end='')
+      return 0
     maybe_initialize_distributed(cfg.mesh)
     trainer = Trainer.create(cfg)
     code = trainer.run()
