@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-unit test-integration bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 tests/integration
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py

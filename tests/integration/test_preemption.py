@@ -12,7 +12,7 @@ import pytest
 from gemjax.config import load_config
 from gemjax.train.loop import Trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=4',
         'model.num_kv_heads=2', 'model.head_dim=8', 'model.mlp_dim=64',
         'model.vocab_size=256', 'train.batch_size=8', 'train.seq_len=32',

@@ -18,7 +18,7 @@ from gemjax.data.sequence import SequenceBuilder
 from gemjax.errors import BadInputError
 from gemjax.tokenizers.text import ByteTokenizer
 
-SAMPLE = os.path.join(os.path.dirname(__file__), '..', 'data', 'sample')
+SAMPLE = os.path.join(os.path.dirname(__file__), '..', '..', 'data', 'sample')
 BUILDER = SequenceBuilder(ByteTokenizer())
 BOS = BUILDER.layout.bos
 

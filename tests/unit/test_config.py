@@ -11,7 +11,7 @@ from gemjax.config import load_config
 from gemjax.errors import ConfigError
 from gemjax.parallel.mesh import validate_mesh
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_presets_load_and_overrides_apply():

@@ -13,7 +13,7 @@ import is still a dependency) with `ast`, so nothing is executed. Floors:
 import ast
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1] / 'gemjax'
+ROOT = pathlib.Path(__file__).resolve().parents[2] / 'gemjax'
 
 
 def module_name(path: pathlib.Path) -> str:

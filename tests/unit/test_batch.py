@@ -12,7 +12,7 @@ from gemjax.data.sequence import SequenceBuilder
 from gemjax.parallel import layouts
 from gemjax.tokenizers.text import ByteTokenizer
 
-SAMPLE = os.path.join(os.path.dirname(__file__), '..', 'data', 'sample', 'validation')
+SAMPLE = os.path.join(os.path.dirname(__file__), '..', '..', 'data', 'sample', 'validation')
 BUILDER = SequenceBuilder(ByteTokenizer())
 
 

@@ -23,7 +23,7 @@ from gemjax.parallel import layouts
 from gemjax.parallel import sharding as shd
 from gemjax.train import state as st
 
-from test_attention_kernels import ATOL, _window_probe, dense_fn, make_inputs, value_and_grads
+from support import ATOL, dense_fn, make_inputs, value_and_grads, window_probe
 
 
 def mesh_of(**sizes):
@@ -69,7 +69,7 @@ def test_ring_matches_dense_bidirectional_with_tensor_parallel_heads():
 
 def test_ring_sliding_window_exact_at_window_edge():
   T, W = 32, 5
-  q, k, v, info = _window_probe(T, W)
+  q, k, v, info = window_probe(T, W)
   with shd.use_mesh(mesh_of(context=8)):
     out = ATTENTION_KERNELS['ring'](q, k, v, info, causal=True, window=W, block=2)
   out = np.asarray(out)[0, :, 0, :]

@@ -9,7 +9,7 @@ from gemjax.config import load_config
 from gemjax.parallel.sharding import MESH_AXES
 from gemjax.train.aot import abstract_check
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TPU_PRESETS = ['flash', 'pro', 'ultra']
 
 

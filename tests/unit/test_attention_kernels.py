@@ -18,51 +18,9 @@ from gemjax.kernels import flash, platform
 from gemjax.kernels import dense_attention, naive_attention, visible_mask
 from gemjax.model import attention as attn
 from gemjax.model.info import SequenceInfo
+from support import ATOL, assert_same, dense_fn, make_inputs, value_and_grads, window_probe
 
 ATTENTION_KERNELS = attn.KERNELS
-
-ATOL = 1e-5
-
-
-def make_inputs(B=2, T=72, H=4, G=2, K=8, seed=0):
-  """Packed rows (3 documents + padding), two bidirectional blocks, GQA."""
-  rng = np.random.default_rng(seed)
-  q, ct = (jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32) for _ in range(2))
-  k, v = (jnp.asarray(rng.normal(size=(B, T, G, K)), jnp.float32) for _ in range(2))
-  seg = np.ones((B, T), np.int32)
-  seg[0, 30:] = 2
-  seg[0, 50:] = 3
-  seg[0, 66:] = 0          # padding
-  seg[1, 41:] = 2
-  blk = np.zeros((B, T), np.int32)
-  blk[0, 5:17] = 1         # a block crossing chunk boundaries
-  blk[1, 44:60] = 2
-  idx = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-  info = SequenceInfo(jnp.zeros((B, T, 3), jnp.int32), jnp.asarray(seg), jnp.asarray(blk),
-                      jnp.asarray(idx), jnp.zeros((B, T), jnp.int8))
-  return q, k, v, ct, info
-
-
-def value_and_grads(kernel, causal, window):
-  def f(q, k, v, ct, info):
-    o = kernel(q, k, v, info, causal=causal, window=window)
-    return jnp.sum(o * ct), o
-  return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
-
-
-@functools.lru_cache(maxsize=None)
-def dense_fn(causal, window):
-  """The reference, compiled once per mask kind for every test module."""
-  return value_and_grads(naive_attention, causal, window)
-
-
-def assert_same(got, want):
-  (_, o1), g1 = got
-  (_, o0), g0 = want
-  np.testing.assert_allclose(o1, o0, atol=ATOL)
-  for a, b in zip(g1, g0):
-    np.testing.assert_allclose(a, b, atol=ATOL)
-
 
 MASKS = [(True, 0), (True, 9), (False, 0), (False, 9)]
 
@@ -98,23 +56,10 @@ def test_blockwise_matches_dense_permuted_order():
     np.testing.assert_allclose(a, p(b), atol=ATOL)
 
 
-def _window_probe(T=32, window=5):
-  """q = 0 (uniform weights over visible keys), v_j = one-hot(j): out[i, j]
-  is 1/|visible(i)| exactly where key j is visible to query i."""
-  q = jnp.zeros((1, T, 1, T), jnp.float32)
-  k = jnp.zeros((1, T, 1, T), jnp.float32)
-  v = jnp.eye(T, dtype=jnp.float32)[None, :, None, :]
-  idx = jnp.arange(T, dtype=jnp.int32)[None]
-  ones = jnp.ones((1, T), jnp.int32)
-  info = SequenceInfo(jnp.zeros((1, T, 3), jnp.int32), ones, 0 * ones, idx,
-                      jnp.zeros((1, T), jnp.int8))
-  return q, k, v, info
-
-
 @pytest.mark.parametrize('kernel', ['dense', 'blockwise'])
 def test_sliding_window_exact_at_window_edge(kernel):
   T, W = 32, 5
-  q, k, v, info = _window_probe(T, W)
+  q, k, v, info = window_probe(T, W)
   fn = ATTENTION_KERNELS[kernel]
   if kernel == 'blockwise':
     fn = functools.partial(attn.blockwise_kernel, block=8)   # edges cross chunks

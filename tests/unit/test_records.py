@@ -16,7 +16,7 @@ from gemjax.data import __main__ as data_cli
 from gemjax.data import records, sources
 from gemjax.errors import BadInputError
 
-SAMPLE = os.path.join(os.path.dirname(__file__), '..', 'data', 'sample')
+SAMPLE = os.path.join(os.path.dirname(__file__), '..', '..', 'data', 'sample')
 
 
 def _png(value: int = 128, size: int = 14) -> bytes:
