@@ -38,25 +38,17 @@ from gemjax.parallel import mesh as mesh_lib
 from gemjax.parallel import sharding as shd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PRESETS = ('nano', 'nano-moe', 'pro', 'ultra')
+PRESETS = ('nano', 'nano-moe', 'pro', 'ultra', 'nano-tensor-context')
+# Golden entries that are a preset on another mesh: every preset has tensor = 1
+# and context = 1, and size-1 axes drop out of every spec, so without this one
+# the rules for heads, mlp, vocab and length would go unrecorded.
+VARIANTS = {
+    'nano-tensor-context': ('nano', ['mesh.data=1', 'mesh.fsdp=2', 'mesh.tensor=2',
+                                     'mesh.context=2']),
+}
 GOLDEN_DIR = os.path.join(ROOT, 'tests', 'golden', 'sharding')
 UPDATE_COMMAND = 'python -m gemjax.train.golden --update'
 FILL_DEVICES = 8
-
-# Logical axes of the batch keys (the contract in gemjax/batch.py).
-_PER_TOKEN = ('batch', 'length')
-_BATCH_AXES = {
-    'tokens': _PER_TOKEN,
-    'modality': _PER_TOKEN,
-    'positions': ('batch', 'length', None),
-    'segment_ids': _PER_TOKEN,
-    'block_ids': _PER_TOKEN,
-    'targets': _PER_TOKEN,
-    'loss_weights': _PER_TOKEN,
-}
-_PATCHES_AXES = ('batch', None, None)
-_SLOTS_AXES = ('batch', None)
-
 
 def preset_path(name: str) -> str:
   return os.path.join(ROOT, 'configs', f'{name}.yaml')
@@ -84,15 +76,13 @@ def batch_entries(cfg: config_lib.Config) -> dict[str, tuple[tuple[int, ...], tu
   """key -> (global shape, logical axes) for the preset's training batch."""
   B, T = cfg.train.batch_size, cfg.train.seq_len
   out = {}
-  for key, names in _BATCH_AXES.items():
-    out[key] = ((B, T, 3) if key == 'positions' else (B, T), names)
-  for m in batch_lib.CONTINUOUS_MODALITIES:
-    budget = getattr(cfg.data, f'{m}_patches')
-    if budget <= 0:
-      continue
+  for key in batch_lib.REQUIRED_KEYS:
+    out[key] = ((B, T, 3) if key == 'positions' else (B, T), batch_lib.logical_axes(key))
+  dims = batch_lib.patch_dims(cfg.model)
+  for m, budget in batch_lib.patch_budgets(cfg.data).items():
     pk, sk = batch_lib.patch_keys(m)
-    out[pk] = ((B, budget, getattr(cfg.model, f'{m}_patch_dim')), _PATCHES_AXES)
-    out[sk] = ((B, budget), _SLOTS_AXES)
+    out[pk] = ((B, budget, dims.get(m, 0)), batch_lib.logical_axes(pk))
+    out[sk] = ((B, budget), batch_lib.logical_axes(sk))
   return out
 
 
@@ -129,6 +119,9 @@ def render_config(cfg: config_lib.Config) -> str:
 
 def render(preset: str) -> str:
   """The golden text of a preset (a path to its YAML, or a name in PRESETS)."""
+  if preset in VARIANTS:
+    base, overrides = VARIANTS[preset]
+    return render_config(config_lib.load_config(preset_path(base), overrides))
   path = preset if preset.endswith('.yaml') else preset_path(preset)
   return render_config(config_lib.load_config(path))
 
