@@ -22,7 +22,6 @@ import functools
 from typing import Protocol
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from gemjax.kernels import dense as dense_lib

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from gemjax.batch import CONTINUOUS_MODALITIES
+from gemjax.batch import patch_dims
 from gemjax.config import ModelConfig, layer_period
 from gemjax.model.attention import AttentionSpec
 from gemjax.model.block import BlockSpec
@@ -87,8 +87,7 @@ def period_specs(cfg: ModelConfig) -> tuple[BlockSpec, ...]:
 
 
 def embedder_spec(cfg: ModelConfig) -> EmbedderSpec:
-  dims = tuple((m, getattr(cfg, f'{m}_patch_dim')) for m in CONTINUOUS_MODALITIES
-               if getattr(cfg, f'{m}_patch_dim') > 0)
+  dims = tuple(patch_dims(cfg).items())
   # Late-fusion encoders: bidirectional full attention inside each media block.
   encoder = _block(cfg, attention_spec(cfg, kernel='dense', causal=False),
                    _feed_forward(cfg, moe=False))
