@@ -34,7 +34,7 @@ def _make_forward(mdef):
   @jax.jit
   def forward(params, batch):
     model = nnx.merge(mdef.graphdef, params)
-    logits, _ = model(batch)
+    logits, _, _ = model(batch)
     pred = jnp.argmax(logits, axis=-1)
     on_answer = batch['loss_weights'] > 0
     wrong = jnp.sum(on_answer & (pred != batch['targets']), axis=-1)

@@ -68,7 +68,7 @@ def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
   T = cfg.train.seq_len
 
   def forward(p, b):
-    logits, _ = nnx.merge(mdef.graphdef, p)(b)
+    logits, _, _ = nnx.merge(mdef.graphdef, p)(b)
     return _answer_stats(logits, b)
 
   fwd = jax.jit(forward)

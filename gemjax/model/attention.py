@@ -26,11 +26,13 @@ from flax import nnx
 
 from gemjax.kernels import dense as dense_lib
 from gemjax.kernels import platform
+from gemjax.kernels.cache import KVCache, init_cache
 from gemjax.kernels.flash import DEFAULT_BLOCK
 from gemjax.model.info import SequenceInfo
 from gemjax.model.norm import RMSNorm
 from gemjax.model.params import dtype, fan_in_std, param, project
 from gemjax.model.rope import apply_rope
+from gemjax.parallel import kv_cache
 from gemjax.parallel.ring_attention import ring_attention, sharded_blockwise
 from gemjax.parallel.sharding import constrain, current_mesh
 
@@ -205,6 +207,31 @@ class Attention(nnx.Module):
     y = project(o_BxTxHxK, self.wo_HxKxD[...], 2, dtype=cd)
     return constrain(y, ('batch', 'length', 'act_embed'))
 
-  def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo) -> jax.Array:
+  def cache_slots(self, max_len: int) -> int:
+    """Slots this layer keeps: a rolling buffer of `window` for sliding-window layers."""
+    return min(self.window, max_len) if self.window else max_len
+
+  def init_cache(self, batch_size: int, max_len: int, dtype) -> KVCache:
+    return init_cache(batch_size, self.cache_slots(max_len), self.num_kv_heads,
+                      self.head_dim, dtype)
+
+  def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo, cache: KVCache | None = None,
+               *, prefill: bool = False) -> tuple[jax.Array, KVCache | None]:
+    """Returns (y, cache): the new cache, or None when none was given.
+
+    With a cache, the new tokens' keys/values are written at their token
+    index (`info.index_BxT`; padding, segment id 0, is not written). Prefill:
+    the new tokens are a whole prompt (the rows' caches hold nothing yet) and
+    attend to each other with this layer's kernel and full mask (media blocks
+    stay bidirectional). Decode: text-like tokens that attend, causally, to
+    everything the cache holds (`gemjax.parallel.kv_cache`).
+    """
     q, k, v = self.project_qkv(x_BxTxD, info)
-    return self.output(self.attend(q, k, v, info))
+    if cache is None:
+      return self.output(self.attend(q, k, v, info)), None
+    cache = kv_cache.write(cache, k, v, info.index_BxT, info.segment_ids_BxT > 0)
+    if prefill:
+      o = self.attend(q, k, v, info)
+    else:
+      o = kv_cache.attend(q, cache, info.index_BxT, window=self.window)
+    return self.output(o), cache

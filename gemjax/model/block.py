@@ -53,11 +53,17 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(spec.d_model, eps=spec.norm_eps, param_dtype=pd)
     self.mlp = spec.mlp.build(rngs)
 
-  def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo):
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), info).astype(x_BxTxD.dtype)
-    y, aux = self.mlp(self.mlp_norm(x_BxTxD), info)
+  def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo, cache=None, *,
+               prefill: bool = False):
+    """Returns (x, aux, cache); with a cache, MoE layers drop no token."""
+    a, cache = self.attn(self.attn_norm(x_BxTxD), info, cache, prefill=prefill)
+    x_BxTxD = x_BxTxD + a.astype(x_BxTxD.dtype)
+    y, aux = self.mlp(self.mlp_norm(x_BxTxD), info, no_drop=cache is not None)
     x_BxTxD = x_BxTxD + y.astype(x_BxTxD.dtype)
-    return constrain(x_BxTxD, ('batch', 'length', 'act_embed')), aux
+    return constrain(x_BxTxD, ('batch', 'length', 'act_embed')), aux, cache
+
+  def init_cache(self, batch_size: int, max_len: int, dtype):
+    return self.attn.init_cache(batch_size, max_len, dtype)
 
 
 class LayerGroup(nnx.Module):
@@ -66,9 +72,12 @@ class LayerGroup(nnx.Module):
   def __init__(self, period: tuple[BlockSpec, ...], *, rngs: nnx.Rngs):
     self.blocks = nnx.List([spec.build(rngs) for spec in period])
 
-  def __call__(self, x_BxTxD, info):
-    auxes = []
-    for block in self.blocks:
-      x_BxTxD, aux = block(x_BxTxD, info)
+  def __call__(self, x_BxTxD, info, caches=None, *, prefill: bool = False):
+    """Returns (x, per-block aux list, per-block cache list or None)."""
+    auxes, new_caches = [], []
+    for i, block in enumerate(self.blocks):
+      x_BxTxD, aux, c = block(x_BxTxD, info, None if caches is None else caches[i],
+                              prefill=prefill)
       auxes.append(aux)
-    return x_BxTxD, auxes
+      new_caches.append(c)
+    return x_BxTxD, auxes, (None if caches is None else new_caches)

@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemjax.kernels.cache import KVCache
 from gemjax.model.block import BlockSpec, LayerGroup
 from gemjax.model.embed import EmbedderSpec
 from gemjax.model.info import SequenceInfo, sequence_info
 from gemjax.model.norm import RMSNorm
 from gemjax.model.params import dtype, param
+from gemjax.parallel import kv_cache
 from gemjax.parallel.sharding import constrain
 
 REMAT_POLICIES = {
@@ -95,25 +97,49 @@ class Decoder(nnx.Module):
   def sequence_info(self, batch: Mapping[str, jax.Array]) -> SequenceInfo:
     return sequence_info(batch)
 
-  def run_layers(self, x_BxTxD: jax.Array, info: SequenceInfo):
+  def run_layers(self, x_BxTxD: jax.Array, info: SequenceInfo, cache=None, *,
+                 prefill: bool = False):
+    """The scanned layer groups; `cache` (stacked per group, see `init_cache`)
+    is scanned alongside the parameters and returned updated (None if none)."""
     graphdef, state = nnx.split(self.layers)
 
-    def body(x, group_state):
+    def body(x, xs):
+      group_state, group_cache = xs
       group = nnx.merge(graphdef, group_state)
-      return group(x, info)
+      x, aux, group_cache = group(x, info, group_cache, prefill=prefill)
+      return x, (aux, group_cache)
 
     policy = self.remat
-    if policy != 'none':
+    if policy != 'none' and cache is None:
       body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
     if self.scan_layers:
-      x_BxTxD, aux = jax.lax.scan(body, x_BxTxD, state)
+      x_BxTxD, (aux, cache) = jax.lax.scan(body, x_BxTxD, (state, cache))
     else:
-      auxes = []
+      outs = []
       for i in range(self.num_groups):
-        x_BxTxD, a = body(x_BxTxD, jax.tree.map(lambda s: s[i], state))
-        auxes.append(a)
-      aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes and auxes[0] else auxes[0]
-    return x_BxTxD, aux
+        x_BxTxD, out = body(x_BxTxD, jax.tree.map(lambda s: s[i], (state, cache)))
+        outs.append(out)
+      aux, cache = jax.tree.map(lambda *xs: jnp.stack(xs), *outs) if outs else ([], None)
+    return x_BxTxD, aux, cache
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None):
+    """An empty decoding cache for `batch_size` rows of up to `max_len` tokens.
+
+    A list with one entry per block of the layer period, each stacked over
+    the `num_groups` repeats (the scan's leading axis): a `KVCache` for
+    attention layers (`max_len` slots, `window` for sliding-window layers),
+    an `InfiniCache` for Infini-attention. Arrays are laid out like the
+    activations (batch over the data-like axes, KV heads over 'tensor',
+    slots over 'context' where they split evenly).
+    """
+    dtype = dtype or self.compute_dtype
+    caches = []
+    for block in self.layers.blocks:
+      one = block.init_cache(batch_size, max_len, dtype)
+      stacked = jax.tree.map(
+          lambda a: jnp.broadcast_to(a, (self.num_groups,) + a.shape), one)
+      caches.append(_constrain_cache(stacked))
+    return caches
 
   def logits(self, x_BxTxD: jax.Array) -> jax.Array:
     b, t, d = x_BxTxD.shape
@@ -127,12 +153,28 @@ class Decoder(nnx.Module):
       logits = jnp.einsum('nd,dv->nv', x_NxD, w, preferred_element_type=jnp.float32)
     return constrain(logits.reshape(b, t, -1), ('batch', 'length', 'act_vocab'))
 
-  def __call__(self, batch: Mapping[str, jax.Array]):
-    """Returns (logits_BxTxV float32, aux) where aux holds per-layer extras."""
+  def __call__(self, batch: Mapping[str, jax.Array], cache=None, *, prefill: bool = False):
+    """Returns (logits_BxTxV float32, aux, cache).
+
+    aux holds per-layer extras. `cache` (from `init_cache`) makes this a
+    decoding call, returning the updated cache: `prefill=True` for a whole
+    prompt, False for new text-like tokens (see `Attention.__call__`).
+    Without one the returned cache is None (training).
+    """
     info = self.sequence_info(batch)
     x = self.embed(batch, info)
-    x, aux = self.run_layers(x, info)
-    return self.logits(x), aux
+    x, aux, cache = self.run_layers(x, info, cache, prefill=prefill)
+    return self.logits(x), aux, cache
+
+
+def _constrain_cache(cache):
+  """A stacked layer cache laid out like the activations (leading axis: groups)."""
+  if isinstance(cache, KVCache):
+    names = kv_cache.cache_sharding_names(cache.index_BxS.shape[2])
+    return KVCache(constrain(cache.k_BxSxGxK, (None, *names)),
+                   constrain(cache.v_BxSxGxK, (None, *names)),
+                   constrain(cache.index_BxS, (None, *names[:2])))
+  return jax.tree.map(lambda a: constrain(a, (None, 'batch') + (None,) * (a.ndim - 2)), cache)
 
 
 def flatten_aux(aux: Any) -> dict[str, jax.Array]:

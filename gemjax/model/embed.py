@@ -80,7 +80,7 @@ class PatchEncoder(nnx.Module):
     x = jnp.einsum('bpi,id->bpd', patches_BxPxD.astype(cd), self.proj_PxD[...].astype(cd))
     x = self.in_norm(x)
     for block in self.blocks:
-      x, _ = block(x, info)
+      x, _, _ = block(x, info)
     return x
 
 

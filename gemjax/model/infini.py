@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemjax.kernels import cache as cache_lib
+from gemjax.kernels.cache import KVCache
 from gemjax.model.attention import Attention, AttentionSpec
 from gemjax.model.info import SequenceInfo
 from gemjax.model.params import LR_MULT, WEIGHT_DECAY, constant, dtype
@@ -86,6 +88,24 @@ def memory_write(mem: Memory, sk_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
   M = M + jnp.einsum('blgk,blgv->bgkv', sk, v_BxLxGxK)
   z = z + sk.sum(axis=1)
   return Memory(M, z, last)
+
+
+class InfiniCache(NamedTuple):
+  """Decoding state of one Infini-attention layer.
+
+  `local` holds the current (unfinished) segment's rotated keys and values
+  in slot index mod segment_len; `keys_raw_BxLxGxK` the same tokens' un-rotated
+  keys, which the memory update needs; `memory` every finished segment,
+  folded in with the training rule when the segment's last token arrives.
+  """
+  local: KVCache
+  keys_raw_BxLxGxK: jax.Array
+  memory: Memory
+
+
+def _put(buf_BxS, x_BxT, slot_BxT):
+  return jax.vmap(lambda b, i, x: b.at[i].set(x.astype(b.dtype), mode='drop'))(
+      buf_BxS, slot_BxT, x_BxT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +158,23 @@ class InfiniAttention(Attention):
       q, k = self.q_norm(q), self.k_norm(k)
     return q, k, v
 
-  def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo) -> jax.Array:
+  def init_cache(self, batch_size: int, max_len: int, dtype) -> InfiniCache:
+    """Memory for any length: a segment buffer and the K x K memory (max_len unused)."""
+    del max_len
+    B, G, K, L = batch_size, self.num_kv_heads, self.head_dim, self.segment_len
+    return InfiniCache(
+        cache_lib.init_cache(B, L, G, K, dtype), jnp.zeros((B, L, G, K), dtype),
+        Memory(jnp.zeros((B, G, K, K), jnp.float32), jnp.zeros((B, G, K), jnp.float32),
+               jnp.full((B,), -1, jnp.int32)))
+
+  def _mix(self, a_mem, local, gate_GxR):
+    return gate_GxR[..., None] * a_mem + (1.0 - gate_GxR[..., None]) * local
+
+  def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo, cache: InfiniCache | None = None,
+               *, prefill: bool = False):
+    """Returns (y, cache) like `Attention`; decode steps take one token per row."""
+    if cache is not None and not prefill:
+      return self._decode(x_BxTxD, info, cache)
     B, T, _ = x_BxTxD.shape
     H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
     L = min(self.segment_len, T)
@@ -156,23 +192,80 @@ class InfiniAttention(Attention):
 
     xs = jax.tree.map(segments, (q, k, v, q_raw, k_raw, info))
     gate_GxR = jax.nn.sigmoid(self.memory_gate[...].astype(jnp.float32)).reshape(G, H // G)
+    # Prefill: a row's memory takes only its finished segments (the rest of
+    # the prompt waits in the segment buffer for the decode steps).
+    length_B = jnp.max(jnp.where(info.segment_ids_BxT > 0, info.index_BxT, -1), axis=1) + 1
 
     def step(mem: Memory, seg):
-      q_s, k_s, v_s, qr_s, kr_s, info_s = seg
+      s, (q_s, k_s, v_s, qr_s, kr_s, info_s) = seg
       local = self.attend(q_s, k_s, v_s, info_s)
       sq = elu_plus_one(qr_s.astype(jnp.float32)).reshape(B, L, G, H // G, K)
       seg_BxL = info_s.segment_ids_BxT
       own = (seg_BxL == mem.doc[:, None]).astype(jnp.float32)[:, :, None, None, None]
       a_mem = memory_read(sq, mem) * own
       a_dot = local.astype(jnp.float32).reshape(B, L, G, H // G, K)
-      out = gate_GxR[..., None] * a_mem + (1.0 - gate_GxR[..., None]) * a_dot
+      out = self._mix(a_mem, a_dot, gate_GxR)
       sk = elu_plus_one(kr_s.astype(jnp.float32))
-      mem = memory_write(mem, sk, v_s.astype(jnp.float32), seg_BxL, update=self.update)
-      return mem, out.reshape(B, L, H, K).astype(v_s.dtype)
+      new = memory_write(mem, sk, v_s.astype(jnp.float32), seg_BxL, update=self.update)
+      if cache is not None:
+        done_B = (s + 1) * self.segment_len <= length_B
+        new = jax.tree.map(lambda a, b: jnp.where(
+            done_B.reshape((B,) + (1,) * (a.ndim - 1)), a, b), new, mem)
+      return new, out.reshape(B, L, H, K).astype(v_s.dtype)
 
-    mem0 = Memory(jnp.zeros((B, G, K, K), jnp.float32), jnp.zeros((B, G, K), jnp.float32),
-                  jnp.full((B,), -1, jnp.int32))
-    _, o = jax.lax.scan(step, mem0, xs)
+    mem0 = (cache.memory if cache is not None else
+            Memory(jnp.zeros((B, G, K, K), jnp.float32), jnp.zeros((B, G, K), jnp.float32),
+                   jnp.full((B,), -1, jnp.int32)))
+    mem, o = jax.lax.scan(step, mem0, (jnp.arange(n), xs))
     o_BxTxHxK = jnp.moveaxis(o, 0, 1).reshape(B, T, H, K)
     o_BxTxHxK = constrain(o_BxTxHxK, ('batch', 'length', 'act_heads', None))
-    return self.output(o_BxTxHxK)
+    y = self.output(o_BxTxHxK)
+    if cache is None:
+      return y, None
+    # The unfinished segment of each row goes to the buffer.
+    Ls = self.segment_len
+    start_B = (length_B // Ls) * Ls
+    keep = (info.segment_ids_BxT > 0) & (info.index_BxT >= start_B[:, None])
+    slot = cache_lib.write_slots(info.index_BxT, keep, total_slots=Ls)
+    local = KVCache(_put(cache.local.k_BxSxGxK, k, slot), _put(cache.local.v_BxSxGxK, v, slot),
+                    _put(cache.local.index_BxS, info.index_BxT, slot))
+    return y, InfiniCache(local, _put(cache.keys_raw_BxLxGxK, k_raw, slot), mem)
+
+  def _decode(self, x_BxTxD: jax.Array, info: SequenceInfo, cache: InfiniCache):
+    """One token per row: local attention over the segment buffer + memory read;
+    a row whose segment this token finishes folds the buffer into its memory."""
+    B, T, _ = x_BxTxD.shape
+    if T != 1:
+      raise ValueError(f'Infini-attention decodes one token per row at a time, got {T}')
+    H, G, K, Ls = self.num_heads, self.num_kv_heads, self.head_dim, self.segment_len
+    q_raw, k_raw, v = self.project_unrotated(x_BxTxD)
+    rope = dict(base=self.rope_base, sections=self.mrope_sections)
+    q = apply_rope(q_raw, info.positions_BxTx3, **rope)
+    k = apply_rope(k_raw, info.positions_BxTx3, **rope)
+    idx_B = info.index_BxT[:, 0]
+    seg_B = info.segment_ids_BxT[:, 0]
+    slot = cache_lib.write_slots(info.index_BxT, seg_B[:, None] > 0, total_slots=Ls)
+    local = KVCache(_put(cache.local.k_BxSxGxK, k, slot),
+                    _put(cache.local.v_BxSxGxK, v, slot),
+                    _put(cache.local.index_BxS, info.index_BxT, slot))
+    keys_raw = _put(cache.keys_raw_BxLxGxK, k_raw, slot)
+    # Only this segment's tokens are local (earlier ones live in the memory).
+    start_B = (idx_B // Ls) * Ls
+    index = jnp.where(local.index_BxS >= start_B[:, None], local.index_BxS, -1)
+    a_dot = cache_lib.attend(q, KVCache(local.k_BxSxGxK, local.v_BxSxGxK, index),
+                             info.index_BxT, window=self.window)
+    gate_GxR = jax.nn.sigmoid(self.memory_gate[...].astype(jnp.float32)).reshape(G, H // G)
+    mem = cache.memory
+    sq = elu_plus_one(q_raw.astype(jnp.float32)).reshape(B, 1, G, H // G, K)
+    own = (seg_B == mem.doc).astype(jnp.float32)[:, None, None, None, None]
+    a_mem = memory_read(sq, mem) * own
+    out = self._mix(a_mem, a_dot.astype(jnp.float32).reshape(B, 1, G, H // G, K), gate_GxR)
+    # Fold a finished segment with the training rule (all slots are this segment's).
+    seg_BxL = jnp.broadcast_to(seg_B[:, None], (B, Ls))
+    new = memory_write(mem, elu_plus_one(keys_raw.astype(jnp.float32)),
+                       local.v_BxSxGxK.astype(jnp.float32), seg_BxL, update=self.update)
+    fold_B = (seg_B > 0) & (idx_B % Ls == Ls - 1)
+    mem = jax.tree.map(lambda a, b: jnp.where(
+        fold_B.reshape((B,) + (1,) * (a.ndim - 1)), a, b), new, mem)
+    o_BxTxHxK = out.reshape(B, 1, H, K).astype(v.dtype)
+    return self.output(o_BxTxHxK), InfiniCache(local, keys_raw, mem)

@@ -44,7 +44,9 @@ class SwiGLU(nnx.Module):
     self.w_up_DxF = param(rngs, (d_model, mlp_dim), ('embed', 'mlp'), std=std_in, dtype=param_dtype)
     self.w_down_FxD = param(rngs, (mlp_dim, d_model), ('mlp', 'embed'), std=std_out, dtype=param_dtype)
 
-  def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo | None = None):
+  def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo | None = None, *,
+               no_drop: bool = False):
+    del no_drop   # a dense MLP never drops tokens
     cd = self.compute_dtype
     gate_BxTxF = project(x_BxTxD, self.w_gate_DxF[...], dtype=cd)
     up_BxTxF = project(x_BxTxD, self.w_up_DxF[...], dtype=cd)

@@ -138,7 +138,9 @@ class MoE(nnx.Module):
     self.shared = (SwiGLU(D, shared_dim, compute_dtype=compute_dtype,
                           param_dtype=param_dtype, rngs=rngs) if shared_dim else None)
 
-  def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo | None = None):
+  def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo | None = None, *,
+               no_drop: bool = False):
+    """`no_drop` (decoding): the capacity path gets room for every token, C = T."""
     B, T, _ = x_BxTxD.shape
     E, cd = self.num_experts, self.compute_dtype
     # Flattened tokens: one 2-D matmul (see params.project), router in f32.
@@ -160,7 +162,8 @@ class MoE(nnx.Module):
     y_BxTxD, kept_BxTxK = expert_lib.dispatch_combine(
         x_BxTxD.astype(cd), expert_BxTxK, gate_BxTxK, valid_BxT, weights,
         (_W_IN_NAMES, _W_IN_NAMES, _W_OUT_NAMES), SWIGLU_EXPERTS,
-        num_experts=E, path=self.path, capacity_factor=self.capacity_factor)
+        num_experts=E, path=self.path,
+        capacity_factor=E / self.top_k if no_drop else self.capacity_factor)
     if self.shared is not None:
       y_BxTxD = y_BxTxD + self.shared(x_BxTxD, info)[0].astype(y_BxTxD.dtype)
     y_BxTxD = constrain(y_BxTxD, ('batch', 'length', 'act_embed'))

@@ -182,7 +182,7 @@ def init_state(model_cfg, mdef: ModelDef, tx, mesh, seed: int) -> dict:
 
 def loss_fn(params, batch, *, graphdef, z_loss: float):
   model = nnx.merge(graphdef, params)
-  logits, aux = model(batch)
+  logits, aux, _ = model(batch)
   loss, metrics = cross_entropy(logits, batch, z_loss=z_loss)
   aux = flatten_aux(aux)
   aux_loss = sum((jnp.sum(v) for k, v in aux.items() if k.split('/')[0].endswith('_loss')),

@@ -87,7 +87,7 @@ def reference(module, x, info, update):
 def _apply():
   @functools.partial(jax.jit, static_argnums=0)
   def apply(graphdef, state, x, info):
-    return nnx.merge(graphdef, state)(x, info)
+    return nnx.merge(graphdef, state)(x, info)[0]
   return apply
 
 
@@ -118,7 +118,7 @@ def test_infini_first_segment_is_finite_values_and_gradients():
   graphdef, state = nnx.split(module)
 
   def loss(state, x):
-    return jnp.sum(nnx.merge(graphdef, state)(x, info) ** 2)
+    return jnp.sum(nnx.merge(graphdef, state)(x, info)[0] ** 2)
 
   value, (g_state, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(state, x)
   assert np.isfinite(float(value))
