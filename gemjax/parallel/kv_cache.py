@@ -14,10 +14,8 @@ Imports jax, `gemjax.kernels.cache` and `gemjax.parallel.sharding` / `axes`.
 
 from __future__ import annotations
 
-import functools
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from gemjax.kernels import cache as cache_lib

@@ -1,0 +1,163 @@
+"""Generation from records: multimodal prompts, positions, the Generator, the CLI, bad prompts."""
+
+import io
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from gemjax.config import load_config
+from gemjax.data.sequence import SequenceBuilder, collate
+from gemjax.errors import BadInputError
+from gemjax.inference import cli, decode
+from gemjax.inference.generator import Generator, generate
+from gemjax.inference.prompts import PromptEncoder, split_answer
+from gemjax.model.spec import decoder_spec
+from gemjax.tokenizers.text import ByteTokenizer
+
+import support  # noqa: F401  (tests/ on sys.path)
+
+SMALL = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=4', 'model.num_kv_heads=2',
+         'model.head_dim=8', 'model.mlp_dim=64', 'model.vocab_size=272',
+         'model.video_patch_dim=0']
+
+
+def png_bytes(h=28, w=28, seed=0) -> bytes:
+  buf = io.BytesIO()
+  px = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  Image.fromarray(px).save(buf, 'PNG')
+  return buf.getvalue()
+
+
+def wav_bytes(seconds=0.3, sr=16000) -> bytes:
+  import soundfile as sf
+  t = np.arange(int(seconds * sr)) / sr
+  buf = io.BytesIO()
+  sf.write(buf, 0.3 * np.sin(2 * np.pi * 300 * t), sr, format='WAV')
+  return buf.getvalue()
+
+
+RECORD = {'segments': [
+    {'kind': 'image', 'data': png_bytes()},
+    {'kind': 'audio', 'data': wav_bytes()},
+    {'kind': 'text', 'text': 'Same?', 'predict': False},
+    {'kind': 'text', 'text': 'yes, seven', 'predict': True}]}
+
+
+@pytest.mark.parametrize('encoder_layers', [0, 1], ids=['early_fusion', 'late_fusion'])
+def test_multimodal_prompt_continues_positions_and_logits_of_the_full_record(encoder_layers):
+  cfg = load_config(None, SMALL + [f'model.encoder_layers={encoder_layers}'])
+  model = decoder_spec(cfg.model).build(nnx.Rngs(1))
+  builder = SequenceBuilder(ByteTokenizer())
+  full = builder.build(RECORD)
+  prompt_rec, answer = split_answer(RECORD)
+  assert [s['text'] for s in answer] == ['yes, seven']
+  enc = PromptEncoder(builder)
+  prompt = enc.example(prompt_rec)
+  n = len(prompt['tokens'])
+  np.testing.assert_array_equal(prompt['tokens'], full['tokens'][:n])
+  np.testing.assert_array_equal(prompt['positions'], full['positions'][:n])
+  # The image and audio blocks moved the text positions off the token index.
+  assert full['positions'][n, 0] != n
+
+  T = 64
+  budgets = {'image': 16, 'audio': 16}
+  full_batch = collate([full], T, budgets, pad_id=builder.layout.pad)
+  graphdef, state = nnx.split(model)
+  want = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b)[0])(state, full_batch)
+  prompt_batch = collate([prompt], 32, budgets, pad_id=builder.layout.pad)
+  sampler = decode.Sampler(graphdef=graphdef, params=state)
+  logits, cache, dstate = sampler.prefill(prompt_batch, T)
+  np.testing.assert_allclose(logits[0], want[0, n - 1], atol=1e-4)
+  steps = len(full['tokens']) - n - 1
+  for i in range(steps):
+    # The next token's position is the one the sequence builder gave it.
+    np.testing.assert_array_equal(int(dstate.position_B[0]), full['positions'][n + i])
+    assert int(dstate.index_B[0]) == n + i
+    tok = jax.numpy.asarray([full['tokens'][n + i]], jax.numpy.int32)
+    logits, cache, dstate = sampler.step(tok, dstate, cache)
+    np.testing.assert_allclose(logits[0], want[0, n + i], atol=1e-4, err_msg=f'step {i}')
+
+
+def _generator(extra=(), seed=0):
+  cfg = load_config(None, SMALL + list(extra))
+  model = decoder_spec(cfg.model).build(nnx.Rngs(seed))
+  return model, SequenceBuilder(ByteTokenizer())
+
+
+def test_generate_records_batch_equals_each_alone_and_stops_at_eos():
+  model, builder = _generator(seed=2)
+  prompts = [split_answer(RECORD)[0], {'segments': [{'kind': 'text', 'text': 'Hello there'}]}]
+  both = generate(model, prompts, max_new_tokens=10, builder=builder)
+  for i, p in enumerate(prompts):
+    [alone] = generate(model, [p], max_new_tokens=10, builder=builder)
+    assert alone.tokens == both[i].tokens
+  # With the first generated token as the stop token, every answer is empty.
+  stop = both[1].tokens[0]
+  [ans] = generate(model, [prompts[1]], max_new_tokens=10, builder=builder, stop_tokens=[stop])
+  assert ans.tokens == [stop] and ans.stopped and ans.text == ''
+
+
+def test_bad_prompts_give_clear_errors(tmp_path):
+  model, builder = _generator()
+  missing = tmp_path / 'nope.png'
+  with pytest.raises(BadInputError, match='nope.png'):
+    generate(model, [{'segments': [{'kind': 'image', 'data': str(missing)}]}],
+             builder=builder)
+  corrupt = tmp_path / 'corrupt.png'
+  corrupt.write_bytes(b'\x89PNG\r\n\x1a\nthis is not an image')
+  with pytest.raises(BadInputError, match=r'prompt 0:segments\[0\]'):
+    generate(model, [{'segments': [{'kind': 'image', 'data': str(corrupt)}]}],
+             builder=builder)
+  with pytest.raises(BadInputError, match='max_len=16'):
+    generate(model, [{'segments': [{'kind': 'text', 'text': 'x' * 40}]}], builder=builder,
+             max_new_tokens=4, max_len=16)
+  with pytest.raises(BadInputError, match="'segments'"):
+    generate(model, [{'text': 'no segments'}], builder=builder)
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+  from gemjax.train.loop import Trainer
+  run = tmp_path_factory.mktemp('gen') / 'run'
+  cfg = load_config(None, SMALL + [
+      'train.batch_size=8', 'train.seq_len=32', 'train.steps=2', 'train.log_every=1',
+      'train.progress_bar=false', 'train.tensorboard=false', 'checkpoint.every=2',
+      'optimizer.warmup_steps=1', f'train.run_dir={run}'])
+  trainer = Trainer.create(cfg)
+  assert trainer.run() == 0
+  trainer.checkpointer.close()
+  return run
+
+
+def test_cli_streams_an_answer_and_answers_a_jsonl_batch(trained_run, tmp_path, capsys):
+  img = tmp_path / 'digit.png'
+  img.write_bytes(png_bytes())
+  assert cli.main([str(trained_run), '--prompt', 'Which digit?', '--image', str(img),
+                   '--max-new-tokens', '5']) == 0
+  streamed = capsys.readouterr().out
+  gen = Generator.from_checkpoint(str(trained_run))
+  [want] = gen.generate([cli.record_of('Which digit?', [str(img)])], max_new_tokens=5)
+  assert streamed == want.text + '\n'
+  lines = tmp_path / 'prompts.jsonl'
+  lines.write_text(json.dumps({'prompt': 'Which digit?', 'image': str(img)}) + '\n'
+                   + json.dumps({'segments': [{'kind': 'text', 'text': 'abc'}]}) + '\n')
+  assert cli.main([str(trained_run), '--jsonl', str(lines), '--max-new-tokens', '5',
+                   '--batch-size', '2']) == 0
+  rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+  assert [r['index'] for r in rows] == [0, 1] and rows[0]['answer'] == want.text
+  assert rows[0]['tokens'] == want.tokens
+
+
+def test_cli_bad_input_exits_2_naming_the_problem(trained_run, tmp_path, capsys):
+  assert cli.main([str(trained_run), '--prompt', 'x', '--image', str(tmp_path / 'gone.png')]) == 2
+  assert 'gone.png' in capsys.readouterr().err
+  assert cli.main([str(trained_run), '--prompt', 'y' * 50, '--max-len', '16']) == 2
+  assert 'max_len=16' in capsys.readouterr().err
+  assert cli.main([str(tmp_path / 'no_run_here'), '--prompt', 'x']) == 2
+  assert 'no_run_here' in capsys.readouterr().err
+  assert os.path.isdir(trained_run)   # nothing was touched
