@@ -19,7 +19,7 @@ Part 1, per model and batch size B (prompt P tokens, N new, max_len P + N):
     this) and of P tokens (the cheapest token of the run, so the most
     favourable case for recomputation); each returns the greedy next token
     only, like one iteration of `recompute_tokens`. `recompute_tokens` itself
-    (4 tokens, jitted, 512-slot buffer) is timed as a cross-check.
+    (`--recompute-check` tokens, jitted, max_len buffer) is timed as a cross-check.
   The ratio to report is cached decode tokens/s / recompute tokens/s at max_len.
 
 Part 2 (optional, needs `transformers` + torch): the same model with
@@ -27,7 +27,12 @@ Part 2 (optional, needs `transformers` + torch): the same model with
 `transformers.LlamaForCausalLM` of the same shape (RMSNorm weight = 1 + scale,
 rotate-half RoPE, GQA head h -> KV head h // (H/G), same theta and eps), greedy
 tokens compared position by position, then greedy `model.generate` vs
-`Sampler.generate` on the same prompts, timed alternately.
+`Sampler.generate` on the same prompts, timed alternately. HF is timed with
+each of `--hf-threads` torch threads (default 2 and 1); gemjax runs XLA:CPU's
+default thread pool (all cores). OMP_WAIT_POLICY defaults to PASSIVE here: on
+a shared, oversubscribed 2-core machine torch's spinning OpenMP threads made
+2-thread HF decoding 4-70x slower (32-491 ms per token on nano) than with
+PASSIVE; XLA:CPU does not use OpenMP, so this only helps the HF side.
 
 All timings: best of `--reps` rounds after a warm-up (compile) call; within
 a round every measurement of a case runs back to back, so the ratios come from
@@ -44,6 +49,8 @@ import platform
 import sys
 import time
 
+# Must be set before torch (OpenMP) loads; see the module docstring.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -320,7 +327,8 @@ def print_tables(env, cache_rows, hf_rows, hf_note):
   print()
   print(f"jax {env['jax']} ({env['backend']}, {env['cpus']} CPU cores visible), "
         f"torch {env.get('torch', '-')} (threads: {env.get('torch_threads', '-')}), "
-        f"transformers {env.get('transformers', '-')}; best of {env['reps']} rounds")
+        f"transformers {env.get('transformers', '-')}, OMP_WAIT_POLICY={env['omp_wait_policy']}; "
+        f"best of {env['reps']} rounds (HF part: {env['hf_reps']})")
   if cache_rows:
     print()
     print('| model | B | prompt + new | prefill tok/s | generate tok/s (end to end) | '
@@ -383,7 +391,8 @@ def main():
 
   import jax
   env = dict(jax=jax.__version__, backend=jax.default_backend(), cpus=os.cpu_count(),
-             reps=args.reps, python=platform.python_version())
+             reps=args.reps, hf_reps=args.hf_reps, python=platform.python_version(),
+             omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'))
   hf_note = '--skip-hf'
   have_hf = False
   if not args.skip_hf:

@@ -254,6 +254,9 @@ class EvalConfig:
   # ([] = train.seq_len x 1, 2, 4, 8) and rows per (depth, length) cell.
   passkey_lengths: list[int] = dataclasses.field(default_factory=list)
   passkey_samples: int = 16
+  # Also measure task accuracy and the passkey grid by greedy generation
+  # with the KV cache (gemjax.inference), next to the teacher-forced numbers.
+  generate: bool = True
 
 
 @dataclasses.dataclass

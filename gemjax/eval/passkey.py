@@ -46,7 +46,7 @@ def evaluate_passkey(params, mdef, *, lengths: Sequence[int],
                      depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = 16,
                      batch_size: int = 16, digits: int = 5, seed: int = 1234,
                      mesh=None, out_dir: str | None = None,
-                     train_length: int | None = None) -> dict:
+                     train_length: int | None = None, by_generation: bool = True) -> dict:
   """Exact-match rate per (depth, length) of a model given as (params, ModelDef).
 
   Args:
@@ -58,16 +58,25 @@ def evaluate_passkey(params, mdef, *, lengths: Sequence[int],
     mesh: optional mesh to run under (batch over the data-like axes).
     out_dir: if given, writes passkey.md and passkey.png there.
     train_length: marked in the table/plot as the trained length.
+    by_generation: also measure the grid by free-running greedy decoding
+      with the KV cache (the prompt ends at "The pass key is ", the model
+      writes `digits` tokens); `generated_exact_match` in the result.
   Returns:
     {'depths', 'lengths', 'exact_match' [len(depths), len(lengths)] float,
-     'markdown': str, 'files': [paths written]}.
+     'generated_exact_match' (same shape, or None), 'markdown': str,
+     'files': [paths written]}.
   """
   forward = _make_forward(mdef)
   grid = np.zeros((len(depths), len(lengths)))
+  gen_grid = np.zeros_like(grid) if by_generation else None
+  sampler = None
+  if by_generation:
+    from gemjax.inference.decode import Sampler
+    sampler = Sampler(graphdef=mdef.graphdef, params=params, mesh=mesh)
   for j, length in enumerate(lengths):
     for i, depth in enumerate(depths):
       rng = np.random.default_rng([seed, j, i])
-      hits = 0
+      hits = gen_hits = 0
       for start in range(0, samples, batch_size):
         n = min(batch_size, samples - start)
         batch = pk.passkey_batch(rng, n, length, depth=depth, digits=digits)
@@ -83,10 +92,17 @@ def evaluate_passkey(params, mdef, *, lengths: Sequence[int],
         else:
           ok, _ = forward(params, batch)
         hits += int(np.asarray(ok)[:n].sum())
+        if sampler is not None:
+          gen_hits += int(generated_exact(sampler, batch, length)[:n].sum())
       grid[i, j] = hits / samples
+      if gen_grid is not None:
+        gen_grid[i, j] = gen_hits / samples
   table = markdown_table(grid, depths, lengths, train_length=train_length)
+  if gen_grid is not None:
+    table += '\n\nBy greedy generation (KV cache):\n\n' + markdown_table(
+        gen_grid, depths, lengths, train_length=train_length)
   result = {'depths': list(depths), 'lengths': list(lengths), 'exact_match': grid,
-            'markdown': table, 'files': []}
+            'generated_exact_match': gen_grid, 'markdown': table, 'files': []}
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
     md = os.path.join(out_dir, 'passkey.md')
@@ -96,6 +112,23 @@ def evaluate_passkey(params, mdef, *, lengths: Sequence[int],
                                         os.path.join(out_dir, 'passkey.png'),
                                         train_length=train_length)]
   return result
+
+
+def generated_exact(sampler, batch, length: int) -> np.ndarray:
+  """[B] bool: greedy decoding from the question writes exactly the key.
+
+  The prompt of each row is its tokens up to the one that predicts the first
+  answer digit (the answer positions are those with loss weight > 0).
+  """
+  w = np.asarray(batch['loss_weights']) > 0
+  first = np.argmax(w, axis=1)
+  digits = int(w.sum(axis=1).max())
+  prompt = dict(batch)
+  keep = np.arange(w.shape[1])[None] <= first[:, None]
+  prompt['segment_ids'] = np.where(keep, batch['segment_ids'], 0).astype(np.int32)
+  out = sampler.generate(prompt, max_new_tokens=digits, max_len=length)
+  want = np.stack([np.asarray(batch['targets'])[r][w[r]] for r in range(w.shape[0])])
+  return np.all(np.asarray(out.tokens_BxN) == want, axis=1)
 
 
 def markdown_table(grid: np.ndarray, depths: Sequence[float], lengths: Sequence[int], *,

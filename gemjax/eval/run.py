@@ -125,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       specs = cfg.data.eval_datasets or cfg.data.datasets
       tasks = tasks_lib.evaluate_tasks(cfg, params, mdef, mesh, specs,
                                        batch_size=cfg.eval.task_batch_size,
-                                       max_records=cfg.eval.max_records)
+                                       max_records=cfg.eval.max_records,
+                                       by_generation=cfg.eval.generate)
       report['tasks'] = tasks
     passkey = None
     if cfg.data.source == 'passkey':
@@ -133,10 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
       lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len * f for f in (1, 2, 4, 8)]
       passkey = passkey_lib.evaluate_passkey(
           params, mdef, lengths=lengths, samples=cfg.eval.passkey_samples, mesh=mesh,
+          by_generation=cfg.eval.generate,
           out_dir=out_dir if jax.process_index() == 0 else None,
           train_length=cfg.train.seq_len)
       report['passkey'] = {'depths': passkey['depths'], 'lengths': passkey['lengths'],
                            'exact_match': np.asarray(passkey['exact_match']).tolist()}
+      if passkey.get('generated_exact_match') is not None:
+        report['passkey']['generated_exact_match'] = np.asarray(
+            passkey['generated_exact_match']).tolist()
   except GemjaxError as e:
     log.error('%s', e)
     return 2
@@ -164,10 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(passkey['markdown'])
     md = tasks_lib.write_task_report(out_dir, f'Evaluation of {step_dir}', report, tasks, plots)
     if tasks:
-      print('task accuracy (exact match of the answer, test split):')
+      print('task accuracy (exact match of the answer, test split; generated = greedy '
+            'decoding with the KV cache, tf = teacher-forced):')
       for task, r in tasks.items():
-        print(f"  {task:>14}: {r['exact_match']:6.1%}  ({r['records']} records, answer "
-              f"token accuracy {r['token_accuracy']:.1%}, loss {r['loss']:.3f})")
+        g = r.get('generated_exact_match')
+        gen = f'generated {g:6.1%}, ' if g is not None else ''
+        print(f"  {task:>14}: {gen}tf {r['exact_match']:6.1%}  ({r['records']} records, "
+              f"answer token accuracy {r['token_accuracy']:.1%}, loss {r['loss']:.3f})")
     print(f"eval: loss {report['loss']:.4f}  perplexity {report['perplexity']:.2f}  "
           f"accuracy {report['accuracy']:.3f}  ({int(report['tokens'])} tokens)")
     for name in MODALITY_NAMES:

@@ -161,3 +161,49 @@ def test_cli_bad_input_exits_2_naming_the_problem(trained_run, tmp_path, capsys)
   assert cli.main([str(tmp_path / 'no_run_here'), '--prompt', 'x']) == 2
   assert 'no_run_here' in capsys.readouterr().err
   assert os.path.isdir(trained_run)   # nothing was touched
+
+
+def test_task_eval_by_generation_scores_known_answers(monkeypatch):
+  from gemjax.eval import tasks as tasks_lib
+  from gemjax.eval.tasks import iter_records
+  from gemjax.data.registry import sequence_builder
+  from gemjax.parallel import sharding as shd
+  from gemjax.train import state as st
+  path = 'data/sample/test/image_digit-*'
+  cfg = load_config('configs/nano.yaml', SMALL + [
+      'model.vocab_size=272', 'model.video_patch_dim=588', 'data.eval_datasets=[]',
+      f'data.datasets=[{{path: "{path}"}}]'])
+  mdef = st.model_def(cfg.model)
+  mesh = shd.single_device_mesh()
+  params = st.init_state(cfg.model, mdef, st.optimizer_for(cfg), mesh, 0)['params']
+  # The answers, built independently: prompt -> answer tokens + eos.
+  builder = sequence_builder(cfg)
+  enc = PromptEncoder(builder)
+  answers = {}
+  for i, (where, rec) in enumerate(iter_records(path)):
+    if i == 6:
+      break
+    prompt = enc.example(split_answer(rec)[0])
+    n = len(prompt['tokens'])
+    full = builder.build(rec)['tokens']
+    # Keyed by the pixels too: every digit prompt has the same tokens.
+    answers[prompt['image_patches'].tobytes()] = full[n:]
+  assert all(a[-1] == builder.layout.eos for a in answers.values())
+  real = tasks_lib.evaluate_tasks(cfg, params, mdef, mesh, cfg.data.datasets, batch_size=4,
+                                  max_records=6)['image_digit']
+  assert real['generated_records'] == 6 and 0 <= real['generated_exact_match'] <= 1
+
+  def known(self, examples, *, max_new_tokens, stop_tokens, **kw):
+    rows = []
+    for k, ex in enumerate(examples):
+      want = list(answers[ex['image_patches'].tobytes()])
+      if k == 1:                      # one wrong answer per batch of 4
+        want[0] = (want[0] + 1) % 256
+      rows.append((want + [builder.layout.pad] * max_new_tokens)[:max_new_tokens])
+    return decode.Generation(np.asarray(rows), None, None)
+
+  monkeypatch.setattr(Generator, 'generate_ids', known)
+  got = tasks_lib.evaluate_tasks(cfg, params, mdef, mesh, cfg.data.datasets, batch_size=4,
+                                 max_records=6)['image_digit']
+  # Batches of 4 and 2 records: one wrong in each.
+  assert got['generated_records'] == 6 and got['generated_exact_match'] == pytest.approx(4 / 6)

@@ -66,6 +66,8 @@ def test_evaluate_writes_table_and_heatmap(tmp_path):
                                  train_length=128)
   grid = res['exact_match']
   assert grid.shape == (2, 2) and ((grid >= 0) & (grid <= 1)).all()
+  assert res["generated_exact_match"].shape == (2, 2)
+  assert "By greedy generation" in res["markdown"]
   assert '| depth \\ length | 128* | 160 |' in res['markdown']
   assert all(os.path.getsize(f) > 0 for f in res['files'])
   assert res['files'][1].endswith('.png')
@@ -87,3 +89,33 @@ def test_train_then_eval_py_writes_the_passkey_grid(tmp_path, capsys):
   assert 'passkey exact match' in out and '| depth \\ length | 128* | 160 |' in out
   for name in ('passkey.md', 'passkey.png', 'report.md', 'eval.json'):
     assert os.path.exists(os.path.join(run_dir, 'eval', name)), name
+
+
+class _Echo:
+  """A stand-in sampler that 'generates' what it is told: scoring is checked
+  against a constructed known answer, independent of any model."""
+
+  def __init__(self, answer_of):
+    self.answer_of, self.prompts = answer_of, []
+
+  def generate(self, prompt, *, max_new_tokens, max_len):
+    from gemjax.inference.decode import Generation
+    self.prompts.append(prompt)
+    toks = np.stack([self.answer_of(prompt, r) for r in range(prompt['tokens'].shape[0])])
+    B = toks.shape[0]
+    return Generation(toks[:, :max_new_tokens], np.full(B, max_new_tokens), np.zeros(B, bool))
+
+
+def test_generated_exact_match_scores_a_known_answer_and_cuts_the_prompt_at_the_question():
+  rng = np.random.default_rng(1)
+  batch = pk.passkey_batch(rng, 3, 200, lengths=(150, 200), digits=5)
+  keys = [bytes(batch['targets'][r][batch['loss_weights'][r] > 0].astype(np.uint8)) for r in range(3)]
+  right = _Echo(lambda p, r: np.frombuffer(keys[r], np.uint8).astype(np.int32))
+  assert pk_eval.generated_exact(right, batch, 200).tolist() == [True, True, True]
+  prompt = right.prompts[0]
+  for r in range(3):   # the prompt ends with the question, before the key
+    n = int((prompt['segment_ids'][r] > 0).sum())
+    assert bytes(prompt['tokens'][r, :n].astype(np.uint8)).decode().endswith(pk.QUESTION)
+  one_wrong = _Echo(lambda p, r: np.frombuffer(keys[r], np.uint8).astype(np.int32)
+                    + (r == 1) * np.array([0, 0, 0, 0, 1]))
+  assert pk_eval.generated_exact(one_wrong, batch, 200).tolist() == [True, False, True]
