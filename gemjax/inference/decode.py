@@ -198,22 +198,23 @@ def recompute_tokens(model, batch: Mapping[str, jax.Array], *, max_new_tokens: i
   The reference the cached loop is tested and benchmarked against. `batch`
   must have room for the new tokens (T >= longest prompt + max_new_tokens).
   """
-  state = prompt_state(batch)
-  b = dict(batch)
-  B, T = b['tokens'].shape
+  del pad_id
+  B = batch['tokens'].shape[0]
   rows = jnp.arange(B)
-  out = []
-  for _ in range(max_new_tokens):
+
+  def body(i, carry):
+    b, state, out = carry
     logits, _, _ = model(b)
     tok = jnp.argmax(last_logits(logits, b, state), axis=-1).astype(jnp.int32)
-    out.append(tok)
-    i, p = state.index_B, state.position_B
-    b['tokens'] = b['tokens'].at[rows, i].set(tok)
-    b['positions'] = b['positions'].at[rows, i].set(jnp.stack([p, p, p], -1))
-    b['segment_ids'] = b['segment_ids'].at[rows, i].set(1)
-    b['modality'] = b['modality'].at[rows, i].set(TEXT)
-    state = DecodeState(i + 1, p + 1)
-  return jnp.stack(out, axis=1)
+    j, p = state.index_B, state.position_B
+    b = dict(b, tokens=b['tokens'].at[rows, j].set(tok),
+             positions=b['positions'].at[rows, j].set(jnp.stack([p, p, p], -1)),
+             segment_ids=b['segment_ids'].at[rows, j].set(1),
+             modality=b['modality'].at[rows, j].set(TEXT))
+    return b, DecodeState(j + 1, p + 1), out.at[:, i].set(tok)
+
+  init = (dict(batch), prompt_state(batch), jnp.zeros((B, max_new_tokens), jnp.int32))
+  return jax.lax.fori_loop(0, max_new_tokens, body, init)[2]
 
 
 class Sampler:

@@ -103,11 +103,6 @@ class InfiniCache(NamedTuple):
   memory: Memory
 
 
-def _put(buf_BxS, x_BxT, slot_BxT):
-  return jax.vmap(lambda b, i, x: b.at[i].set(x.astype(b.dtype), mode='drop'))(
-      buf_BxS, slot_BxT, x_BxT)
-
-
 @dataclasses.dataclass(frozen=True)
 class InfiniSpec:
   """An Infini-attention sublayer: local attention (`attention`, usually the
@@ -227,9 +222,13 @@ class InfiniAttention(Attention):
     start_B = (length_B // Ls) * Ls
     keep = (info.segment_ids_BxT > 0) & (info.index_BxT >= start_B[:, None])
     slot = cache_lib.write_slots(info.index_BxT, keep, total_slots=Ls)
-    local = KVCache(_put(cache.local.k_BxSxGxK, k, slot), _put(cache.local.v_BxSxGxK, v, slot),
-                    _put(cache.local.index_BxS, info.index_BxT, slot))
-    return y, InfiniCache(local, _put(cache.keys_raw_BxLxGxK, k_raw, slot), mem)
+    return y, self._buffer(cache, k, v, k_raw, info.index_BxT, slot, mem)
+
+  @staticmethod
+  def _buffer(cache: InfiniCache, k, v, k_raw, index_BxT, slot_BxT, mem) -> InfiniCache:
+    """The cache with new tokens written to their segment-buffer slots."""
+    local = cache_lib.write(cache.local, k, v, index_BxT, slot_BxT < cache.local.index_BxS.shape[1])
+    return InfiniCache(local, cache_lib.put_slots(cache.keys_raw_BxLxGxK, k_raw, slot_BxT), mem)
 
   def _decode(self, x_BxTxD: jax.Array, info: SequenceInfo, cache: InfiniCache):
     """One token per row: local attention over the segment buffer + memory read;
@@ -245,14 +244,12 @@ class InfiniAttention(Attention):
     idx_B = info.index_BxT[:, 0]
     seg_B = info.segment_ids_BxT[:, 0]
     slot = cache_lib.write_slots(info.index_BxT, seg_B[:, None] > 0, total_slots=Ls)
-    local = KVCache(_put(cache.local.k_BxSxGxK, k, slot),
-                    _put(cache.local.v_BxSxGxK, v, slot),
-                    _put(cache.local.index_BxS, info.index_BxT, slot))
-    keys_raw = _put(cache.keys_raw_BxLxGxK, k_raw, slot)
+    written = self._buffer(cache, k, v, k_raw, info.index_BxT, slot, cache.memory)
+    local, keys_raw = written.local, written.keys_raw_BxLxGxK
     # Only this segment's tokens are local (earlier ones live in the memory).
     start_B = (idx_B // Ls) * Ls
     index = jnp.where(local.index_BxS >= start_B[:, None], local.index_BxS, -1)
-    a_dot = cache_lib.attend(q, KVCache(local.k_BxSxGxK, local.v_BxSxGxK, index),
+    a_dot = cache_lib.attend(q, KVCache(local.k_BxGxSxK, local.v_BxGxSxK, index),
                              info.index_BxT, window=self.window)
     gate_GxR = jax.nn.sigmoid(self.memory_gate[...].astype(jnp.float32)).reshape(G, H // G)
     mem = cache.memory
@@ -263,7 +260,8 @@ class InfiniAttention(Attention):
     # Fold a finished segment with the training rule (all slots are this segment's).
     seg_BxL = jnp.broadcast_to(seg_B[:, None], (B, Ls))
     new = memory_write(mem, elu_plus_one(keys_raw.astype(jnp.float32)),
-                       local.v_BxSxGxK.astype(jnp.float32), seg_BxL, update=self.update)
+                       jnp.swapaxes(local.v_BxGxSxK, 1, 2).astype(jnp.float32), seg_BxL,
+                       update=self.update)
     fold_B = (seg_B > 0) & (idx_B % Ls == Ls - 1)
     mem = jax.tree.map(lambda a, b: jnp.where(
         fold_B.reshape((B,) + (1,) * (a.ndim - 1)), a, b), new, mem)

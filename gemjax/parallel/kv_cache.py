@@ -1,5 +1,5 @@
 """KV caches on a mesh: batch over the data-like axes, KV heads over 'tensor',
-slots over 'context'.
+slots over 'context' (a cache is [B, G, S, K]: gemjax/kernels/cache.py).
 
 A cache whose slots are split over the context axis is ring attention's
 decode form: each device holds a contiguous range of slots, computes the
@@ -24,7 +24,7 @@ from gemjax.parallel.axes import CONTEXT_AXIS, axis_size
 from gemjax.parallel.sharding import current_mesh, logical_to_spec
 
 # Logical names of a cache's arrays (the same table as every activation).
-CACHE_AXES = ('batch', 'length', 'act_kv_heads', None)
+CACHE_AXES = ('batch', 'act_kv_heads', 'length', None)
 INDEX_AXES = ('batch', 'length')
 
 
@@ -32,7 +32,7 @@ def _specs(mesh, B: int, S: int, H: int, G: int):
   """(batch, slots, heads) entries of the map's PartitionSpecs."""
   sizes = dict(mesh.shape)
   spec = logical_to_spec(CACHE_AXES, mesh)
-  batch, seq, heads = spec[0], spec[1], spec[2]
+  batch, heads, seq = spec[0], spec[1], spec[2]
   if B % axis_size(sizes, batch):
     batch = None
   tp = axis_size(sizes, heads)
@@ -50,7 +50,7 @@ def cache_sharding_names(num_slots: int, mesh=None) -> tuple:
   if mesh is None:
     return CACHE_AXES
   n = dict(mesh.shape).get(CONTEXT_AXIS, 1)
-  return CACHE_AXES if num_slots % n == 0 else ('batch', None, 'act_kv_heads', None)
+  return CACHE_AXES if num_slots % n == 0 else ('batch', 'act_kv_heads', None, None)
 
 
 def _mesh_or_none():
@@ -64,7 +64,7 @@ def write(cache: KVCache, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array, index_BxT:
   mesh = _mesh_or_none()
   if mesh is None:
     return cache_lib.write(cache, k_BxTxGxK, v_BxTxGxK, index_BxT, valid_BxT)
-  B, S, G, _ = cache.k_BxSxGxK.shape
+  B, G, S, _ = cache.k_BxGxSxK.shape
   batch, seq, heads = _specs(mesh, B, S, G, G)
   n = axis_size(dict(mesh.shape), seq)
 
@@ -72,7 +72,7 @@ def write(cache: KVCache, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array, index_BxT:
     offset = jax.lax.axis_index(seq) * (S // n) if seq else 0
     return cache_lib.write(c, k, v, idx, ok, total_slots=S, slot_offset=offset)
 
-  c_spec = KVCache(P(batch, seq, heads, None), P(batch, seq, heads, None), P(batch, seq))
+  c_spec = KVCache(P(batch, heads, seq, None), P(batch, heads, seq, None), P(batch, seq))
   new = P(batch, None, heads, None)
   return jax.shard_map(body, mesh=mesh,
                        in_specs=(c_spec, new, new, P(batch, None), P(batch, None)),
@@ -86,7 +86,7 @@ def attend(q_BxTxHxK: jax.Array, cache: KVCache, q_index_BxT: jax.Array, *,
   if mesh is None:
     return cache_lib.attend(q_BxTxHxK, cache, q_index_BxT, window=window)
   B, T, H, _ = q_BxTxHxK.shape
-  _, S, G, _ = cache.k_BxSxGxK.shape
+  _, G, S, _ = cache.k_BxGxSxK.shape
   batch, seq, heads = _specs(mesh, B, S, H, G)
 
   def body(q, c, qi):
@@ -97,7 +97,7 @@ def attend(q_BxTxHxK: jax.Array, cache: KVCache, q_index_BxT: jax.Array, *,
                               jax.lax.psum(stats.l_BxTxH, seq))
     return cache_lib.finalize(stats, q.dtype)
 
-  c_spec = KVCache(P(batch, seq, heads, None), P(batch, seq, heads, None), P(batch, seq))
+  c_spec = KVCache(P(batch, heads, seq, None), P(batch, heads, seq, None), P(batch, seq))
   q_spec = P(batch, None, heads, None)
   return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, c_spec, P(batch, None)),
                        out_specs=q_spec)(q_BxTxHxK, cache, q_index_BxT)

@@ -118,7 +118,7 @@ def test_sliding_window_layers_keep_a_rolling_buffer_of_window():
   cache = assert_cache_matches_full(['model.local_layers=1', 'model.window=6',
                                      'model.attention=dense'], lengths=(9, 3), steps=20)
   # Layer 0 of the period is local: its buffer has `window` slots, layer 1 all T.
-  assert cache[0].k_BxSxGxK.shape[2] == 6 and cache[1].k_BxSxGxK.shape[2] == T
+  assert cache[0].k_BxGxSxK.shape[3] == 6 and cache[1].k_BxGxSxK.shape[3] == T
 
 
 @pytest.mark.parametrize('update', ['linear', 'delta'])
@@ -132,8 +132,8 @@ def test_infini_cache_matches_full_forward_across_segment_boundaries(update):
 def test_ring_cache_sharded_over_context_matches_full_forward(layout):
   cache = assert_cache_matches_full(['model.attention=ring'], lengths=(13, 6),
                                     mesh_axes={'data': 2, 'context': 4}, layout=layout)
-  spec = cache[0].k_BxSxGxK.sharding.spec
-  assert spec[2] == 'context', spec     # slots split over the context axis
+  spec = cache[0].k_BxGxSxK.sharding.spec    # [groups, B, G, S, K]
+  assert spec[3] == 'context', spec     # slots split over the context axis
 
 
 def test_moe_decodes_without_dropping_tokens_on_expert_mesh():
