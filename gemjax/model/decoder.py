@@ -112,19 +112,7 @@ class Decoder(nnx.Module):
     policy = self.remat
     if policy != 'none' and cache is None:
       body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
-    if self.scan_layers and cache is not None:
-      # The stacked cache rides in the carry and each group's slice is written
-      # back in place: as scan inputs/outputs it would be copied whole every
-      # decode step (the step's main cost at batch 16 on XLA:CPU).
-      def carried(carry, group_state):
-        x, c, i = carry
-        x, (aux, group_cache) = body(x, (group_state, jax.tree.map(lambda a: a[i], c)))
-        c = jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n, i, 0),
-                         c, group_cache)
-        return (x, c, i + 1), aux
-
-      (x_BxTxD, cache, _), aux = jax.lax.scan(carried, (x_BxTxD, cache, 0), state)
-    elif self.scan_layers:
+    if self.scan_layers:
       x_BxTxD, (aux, cache) = jax.lax.scan(body, x_BxTxD, (state, cache))
     else:
       outs = []
