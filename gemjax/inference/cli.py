@@ -31,8 +31,6 @@ from gemjax.errors import GemjaxError
 from gemjax.inference.decode import SamplingConfig
 from gemjax.inference.generator import Generator
 
-log = logging.getLogger('gemjax')
-
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='generate.py', description=__doc__.split('\n')[0],

@@ -162,6 +162,13 @@ class InfiniAttention(Attention):
         Memory(jnp.zeros((B, G, K, K), jnp.float32), jnp.zeros((B, G, K), jnp.float32),
                jnp.full((B,), -1, jnp.int32)))
 
+  def _qkv(self, x_BxTxD: jax.Array, info: SequenceInfo):
+    """(q, k rotated, v, q, k un-rotated): attention is rotated, the memory is not."""
+    q_raw, k_raw, v = self.project_unrotated(x_BxTxD)
+    rope = dict(base=self.rope_base, sections=self.mrope_sections)
+    return (apply_rope(q_raw, info.positions_BxTx3, **rope), apply_rope(k_raw, info.positions_BxTx3, **rope),
+            v, q_raw, k_raw)
+
   def _mix(self, a_mem, local, gate_GxR):
     return gate_GxR[..., None] * a_mem + (1.0 - gate_GxR[..., None]) * local
 
@@ -177,10 +184,7 @@ class InfiniAttention(Attention):
       raise ValueError(f'Infini-attention segment_len={self.segment_len} must divide the '
                        f'sequence length {T}')
     n = T // L
-    q_raw, k_raw, v = self.project_unrotated(x_BxTxD)
-    rope = dict(base=self.rope_base, sections=self.mrope_sections)
-    q = apply_rope(q_raw, info.positions_BxTx3, **rope)
-    k = apply_rope(k_raw, info.positions_BxTx3, **rope)
+    q, k, v, q_raw, k_raw = self._qkv(x_BxTxD, info)
 
     def segments(x):  # [B, T, ...] -> [n, B, L, ...]
       return jnp.moveaxis(x.reshape(B, n, L, *x.shape[2:]), 1, 0)
@@ -237,10 +241,7 @@ class InfiniAttention(Attention):
     if T != 1:
       raise ValueError(f'Infini-attention decodes one token per row at a time, got {T}')
     H, G, K, Ls = self.num_heads, self.num_kv_heads, self.head_dim, self.segment_len
-    q_raw, k_raw, v = self.project_unrotated(x_BxTxD)
-    rope = dict(base=self.rope_base, sections=self.mrope_sections)
-    q = apply_rope(q_raw, info.positions_BxTx3, **rope)
-    k = apply_rope(k_raw, info.positions_BxTx3, **rope)
+    q, k, v, q_raw, k_raw = self._qkv(x_BxTxD, info)
     idx_B = info.index_BxT[:, 0]
     seg_B = info.segment_ids_BxT[:, 0]
     slot = cache_lib.write_slots(info.index_BxT, seg_B[:, None] > 0, total_slots=Ls)

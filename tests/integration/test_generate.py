@@ -19,7 +19,6 @@ from gemjax.inference.prompts import PromptEncoder, split_answer
 from gemjax.model.spec import decoder_spec
 from gemjax.tokenizers.text import ByteTokenizer
 
-import support  # noqa: F401  (tests/ on sys.path)
 
 SMALL = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=4', 'model.num_kv_heads=2',
          'model.head_dim=8', 'model.mlp_dim=64', 'model.vocab_size=272',
