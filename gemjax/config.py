@@ -202,6 +202,10 @@ class DatasetConfig:
   pair_task: str = 'match'
   # Distinct pairs per epoch; 0 = len(path) x len(pair_with).
   pair_size: int = 0
+  # Classifier-free guidance training (gemjax/data/condition.py): the
+  # probability that a training record loses its prompt (the unpredicted text
+  # before its first predicted image). Training only; in [0, 1).
+  cond_dropout: float = 0.0
 
 
 @dataclasses.dataclass
@@ -216,6 +220,9 @@ class DataConfig:
   eval_datasets: list[DatasetConfig] = dataclasses.field(default_factory=list)
   # 'bytes' or a SentencePiece .model file.
   tokenizer: str = 'bytes'
+  # Directory of a saved ImageCodeTokenizer ('' = none): predicted images are
+  # trained as its discrete codes, and the vocabulary reserves its num_codes.
+  image_codes: str = ''
   # Max patches per packed row for each continuous modality (0 = none).
   image_patches: int = 64
   audio_patches: int = 64
@@ -257,6 +264,12 @@ class EvalConfig:
   # Also measure task accuracy and the passkey grid by greedy generation
   # with the KV cache (gemjax.inference), next to the teacher-forced numbers.
   generate: bool = True
+  # Records whose answer is an image (data.image_codes): drawn by constrained
+  # decoding with classifier-free guidance at this scale (1 = none), sampled
+  # at this temperature (0 = greedy) from the top_k codes (0 = all).
+  guidance_scale: float = 3.0
+  image_temperature: float = 1.0
+  image_top_k: int = 0
 
 
 @dataclasses.dataclass
@@ -532,6 +545,13 @@ def validate(cfg: Config) -> None:
   device count (mesh shape, splits over its axes) are
   `gemjax.parallel.mesh.validate_mesh`."""
   m = cfg.model
+  e = cfg.eval
+  if not e.guidance_scale > 0:
+    _fail('eval.guidance_scale', e.guidance_scale, 'a positive number (1 = no guidance)')
+  if e.image_temperature < 0:
+    _fail('eval.image_temperature', e.image_temperature, '>= 0 (0 = greedy)')
+  if e.image_top_k < 0:
+    _fail('eval.image_top_k', e.image_top_k, '>= 0 (0 = all codes)')
   for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads',
               'num_kv_heads', 'head_dim', 'mlp_dim'):
     if getattr(m, key) <= 0:
@@ -579,6 +599,14 @@ def validate(cfg: Config) -> None:
     _fail('data.datasets', d.datasets, "data.source='grain' needs at least one dataset")
   if d.bad_records not in ('skip', 'strict'):
     _fail('data.bad_records', d.bad_records, "'skip' or 'strict'")
+  if not isinstance(d.image_codes, str):
+    _fail('data.image_codes', d.image_codes, "a directory of a saved ImageCodeTokenizer, "
+          "or '' for none")
+  for key in ('datasets', 'eval_datasets'):
+    for i, ds in enumerate(getattr(d, key)):
+      if not 0 <= ds.cond_dropout < 1:
+        _fail(f'data.{key}[{i}].cond_dropout', ds.cond_dropout,
+              'a probability in [0, 1) (0 = never drop the condition)')
   if d.source == 'grain':
     if m.image_patch_dim and m.image_patch_dim != 3 * d.image_patch_size ** 2:
       _fail('model.image_patch_dim', m.image_patch_dim,

@@ -19,6 +19,14 @@ segment has predict=True):
   video_digits   [video: 3-5 digit images, 1 fps] "Which digits, in order?" -> "3 1 4"
   photo_caption  [image: 64x64 photo crop] "Describe the photo." -> caption
   text_lm        [text: Python documentation] (every token predicted)
+  draw_digit     "Draw the digit 7." -> [image] (the image is predicted)
+  draw_name      "Draw a digit, then name it." -> [image] "7" (both predicted)
+
+The two draw tasks are derived from the written image_digit shards (same
+images, same order), so they can be added to an existing corpus without
+rebuilding the rest (no espeak-ng needed):
+
+    python scripts/build_sample_corpus.py --only-draw-tasks
 
 Imports gemjax.data.records; the optional dependencies only in here.
 """
@@ -393,18 +401,73 @@ def build(out: str, seed: int, bits: int) -> dict:
   return manifest
 
 
+DRAW_TASKS = ('draw_digit', 'draw_name')
+
+
+def draw_records(split: str, image_digit: list[dict]) -> dict[str, list[dict]]:
+  """draw_digit and draw_name records, one of each per image_digit record (in
+  its order): the digit image becomes the predicted output."""
+  out = {task: [] for task in DRAW_TASKS}
+  for j, r in enumerate(image_digit):
+    image = next(s for s in r['segments'] if s['kind'] == 'image')
+    drawn = {'kind': 'image', 'data': image['data'],
+             'format': image.get('format', 'png'), 'predict': True}
+    digit = int(r['meta']['digit'])
+    meta = {'digit': digit, 'image_digit_id': r['id']}
+    if 'source' in r['meta']:
+      meta['source'] = r['meta']['source']
+    out['draw_digit'].append(rec(f'{split}/draw_digit/{j}', 'draw_digit',
+                                 [seg_text(f'Draw the digit {digit}.'), drawn], meta))
+    out['draw_name'].append(rec(f'{split}/draw_name/{j}', 'draw_name',
+                                [seg_text('Draw a digit, then name it.'), drawn,
+                                 seg_text(str(digit), True)], meta))
+  return out
+
+
+def build_draw_tasks(out: str) -> dict:
+  """Writes the draw tasks of every split from its image_digit shards and
+  adds them to manifest.json; nothing else is touched."""
+  from gemjax.data import sources
+  with open(os.path.join(out, 'manifest.json')) as f:
+    manifest = json.load(f)
+  for split in SPLITS:
+    src = sources.open_source('array_record', os.path.join(out, split, 'image_digit-*'))
+    image_digit = [records.decode_record(src[i]['record'], src[i]['where'])
+                   for i in range(len(src))]
+    for task, recs in draw_records(split, image_digit).items():
+      paths, counts = records.write_shards(recs, os.path.join(out, split, task), 1)
+      size = sum(os.path.getsize(p) for p in paths)
+      manifest['splits'][split][task] = {'records': sum(counts), 'bytes': size,
+                                         'files': [os.path.relpath(p, out) for p in paths]}
+      print(f'{split:10s} {task:14s} {sum(counts):5d} records {size / 1e6:6.2f} MB')
+    manifest['splits'][split] = dict(sorted(manifest['splits'][split].items()))
+  with open(os.path.join(out, 'manifest.json'), 'w') as f:
+    json.dump(manifest, f, indent=1)
+  return manifest
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(__file__), '..', 'data', 'sample'))
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--audio-bits', type=int, choices=(8, 16), default=8)
+  parser.add_argument('--only-draw-tasks', action='store_true',
+                      help='only (re)write draw_digit and draw_name from the existing '
+                      'image_digit shards')
   args = parser.parse_args(argv)
-  if shutil.which('espeak-ng') is None:
-    sys.exit('espeak-ng is needed to synthesise speech: apt-get install espeak-ng')
-  manifest = build(os.path.normpath(args.out), args.seed, args.audio_bits)
+  out = os.path.normpath(args.out)
+  if args.only_draw_tasks:
+    manifest = build_draw_tasks(out)
+  else:
+    if shutil.which('espeak-ng') is None:
+      sys.exit('espeak-ng is needed to synthesise speech: apt-get install espeak-ng')
+    build(out, args.seed, args.audio_bits)
+    # After the rest, from the written shards: the other tasks' random draws
+    # (and so their bytes) do not depend on the draw tasks.
+    manifest = build_draw_tasks(out)
   total = sum(t['bytes'] for s in manifest['splits'].values() for t in s.values())
-  print(f'total {total / 1e6:.2f} MB in {os.path.normpath(args.out)}')
+  print(f'total {total / 1e6:.2f} MB in {out}')
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@
     records.py    the versioned on-disk record (msgpack in ArrayRecord shards)
     sources.py    random-access sources: ArrayRecord, TFDS, folder, JSONL
     sequence.py   record -> one interleaved example (tokens, positions, patches)
+    condition.py  condition dropout for classifier-free guidance (drop_condition)
     packing.py    examples -> fixed-length rows [T] -> batches
     pipeline.py   the Grain pipeline: shuffle, repeat, shard, decode, mix, pack
 
@@ -17,6 +18,7 @@ _LAZY = {
     'DataSettings': 'pipeline',
     'make_train_iterator': 'pipeline', 'make_eval_iterator': 'pipeline',
     'PipelineIterator': 'pipeline',
+    'drop_condition': 'condition',
 }
 
 

@@ -2,7 +2,8 @@
 
     per dataset:  source[process_index::process_count]   (disjoint per process)
                   -> shuffle(seed, reshuffled every epoch) -> repeat
-                  -> decode record + SequenceBuilder.build (bad-record policy)
+                  -> decode record [+ condition dropout, training only: cond_dropout]
+                  -> SequenceBuilder.build (bad-record policy)
     mix datasets by weight (deterministic interleave, Grain IterDataset.mix)
     -> pack into rows [T] (multimodal-aware budgets, gemjax.data.packing)
     -> batch [B, ...] -> multiprocess prefetch (num_workers, 0 = in-process)
@@ -23,8 +24,8 @@ source and index. Examples with patches that cannot fit one row are dropped
 and counted as `dropped`. See `PipelineIterator.stats`.
 
 Imports grain, numpy, gemjax.batch, gemjax.config (DatasetConfig: the
-datasets are the run config's own), gemjax.data.{packing, records, sources},
-gemjax.errors. The sequence builder is passed in (any object with
+datasets are the run config's own), gemjax.data.{condition, packing, records,
+sources}, gemjax.errors. The sequence builder is passed in (any object with
 `build(record, source=...) -> example`), so this room does not depend on the
 tokenizers.
 """
@@ -41,6 +42,7 @@ import numpy as np
 
 from gemjax import batch as batch_lib
 from gemjax.config import DatasetConfig
+from gemjax.data import condition
 from gemjax.data import packing
 from gemjax.data import records
 from gemjax.data import sources
@@ -140,13 +142,27 @@ class DataSettings:
 
 
 class DecodeAndBuild:
-  """Grain map: source item -> example, or a bad marker (or raise if strict)."""
+  """Grain map: source item -> example, or a bad marker (or raise if strict).
 
-  def __init__(self, builder: ExampleBuilder, strict: bool):
+  With `cond_dropout` p > 0 (training), called as a map-with-index: element
+  `index` of the dataset's shuffled, repeated stream loses its condition
+  (`condition.drop_condition`) when `condition.drops_condition(p, seed,
+  stream, index)`, `stream` = (dataset index, process index). The index
+  counts across epochs, so each epoch draws afresh, and it is part of Grain's
+  checkpointed position, so a resumed run drops the same records.
+  """
+
+  def __init__(self, builder: ExampleBuilder, strict: bool, *, cond_dropout: float = 0.0,
+               seed: int = 0, stream: tuple[int, ...] = ()):
     self.builder = builder
     self.strict = strict
+    self.cond_dropout, self.seed, self.stream = cond_dropout, seed, tuple(stream)
 
-  def __call__(self, item: Mapping[str, Any]) -> dict[str, Any]:
+  def with_index(self, index: int, item: Mapping[str, Any]) -> dict[str, Any]:
+    drop = condition.drops_condition(self.cond_dropout, self.seed, self.stream, index)
+    return self(item, drop_condition=drop)
+
+  def __call__(self, item: Mapping[str, Any], drop_condition: bool = False) -> dict[str, Any]:
     where = item['where']
     try:
       if 'error' in item:
@@ -154,6 +170,8 @@ class DecodeAndBuild:
       record = item['record']
       if isinstance(record, (bytes, bytearray, memoryview)):
         record = records.decode_record(bytes(record), where)
+      if drop_condition:
+        record = condition.drop_condition(record)
       example = self.builder.build(record, source=where)
     except BadInputError as e:
       if self.strict:
@@ -201,7 +219,7 @@ def build_dataset(settings: DataSettings, builder: ExampleBuilder, *,
   spec = pack_spec(settings, builder, seq_len)
   if batch_size < 1:
     raise ConfigError(f'batch_size = {batch_size}; must be >= 1')
-  decode = DecodeAndBuild(builder, strict=settings.bad_records == 'strict')
+  strict = settings.bad_records == 'strict'
   threads = settings.read_threads
   read_options = grain.ReadOptions(num_threads=threads,
                                    prefetch_buffer_size=max(4, 8 * threads))
@@ -214,7 +232,10 @@ def build_dataset(settings: DataSettings, builder: ExampleBuilder, *,
     epochs = settings.num_epochs if (train or settings.num_epochs) else 1
     if epochs != 1:
       ds = ds.repeat(epochs)
-    parts.append(ds.map(decode))
+    p = ds_spec.cond_dropout if train else 0.0   # never in evaluation
+    decode = DecodeAndBuild(builder, strict, cond_dropout=p, seed=seed,
+                            stream=(i, process_index))
+    parts.append(ds.map_with_index(decode.with_index) if p > 0 else ds.map(decode))
   if not train:
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
     it_ds = mixed.to_iter_dataset(read_options)

@@ -51,19 +51,49 @@ def make_iterator(cfg, split: str, process_index: int = 0, process_count: int = 
   return SOURCES[cfg.data.source](cfg, split, process_index, process_count)
 
 
-def sequence_builder(cfg):
-  """The SequenceBuilder the run's data settings describe."""
-  from gemjax.data.sequence import SequenceBuilder
+def image_code_tokenizer(cfg):
+  """The run's discrete image tokenizer (`data.image_codes`), or None if unset."""
+  path = cfg.data.image_codes
+  if not path:
+    return None
+  from gemjax.errors import CheckpointError, ConfigError
+  from gemjax.tokenizers.image_codes import ImageCodeTokenizer
+  try:
+    return ImageCodeTokenizer.load(path)
+  except (CheckpointError, OSError, ValueError) as e:
+    raise ConfigError(f'data.image_codes={path!r}: cannot load an ImageCodeTokenizer '
+                      f'there ({type(e).__name__}: {e})') from e
+
+
+def text_tokenizer(cfg, image_codes=None):
+  """The run's text tokenizer, its layout reserving the image codes of
+  `data.image_codes`: the one vocabulary layout of the run (training, eval and
+  inference all build it here). `image_codes`: an already loaded code
+  tokenizer (default: load it from the config)."""
   from gemjax.errors import ConfigError
-  from gemjax.tokenizers.audio import AudioTokenizer
-  from gemjax.tokenizers.image import ImageTokenizer
   from gemjax.tokenizers.text import load_text_tokenizer
-  from gemjax.tokenizers.video import VideoTokenizer
   d = cfg.data
-  text = load_text_tokenizer(d.tokenizer)
+  codes = image_codes if image_codes is not None else image_code_tokenizer(cfg)
+  num_codes = int(codes.num_codes) if codes is not None else 0
+  text = load_text_tokenizer(d.tokenizer, num_codes)
   if text.layout.size > cfg.model.vocab_size:
     raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} is smaller than the '
-                      f'vocabulary of data.tokenizer={d.tokenizer!r} ({text.layout.size})')
+                      f'vocabulary of data.tokenizer={d.tokenizer!r} with '
+                      f'{num_codes} image codes (data.image_codes={d.image_codes!r}): '
+                      f'{text.layout.size}')
+  return text
+
+
+def sequence_builder(cfg):
+  """The SequenceBuilder the run's data settings describe (with the image
+  code tokenizer of `data.image_codes`, when set)."""
+  from gemjax.data.sequence import SequenceBuilder
+  from gemjax.tokenizers.audio import AudioTokenizer
+  from gemjax.tokenizers.image import ImageTokenizer
+  from gemjax.tokenizers.video import VideoTokenizer
+  d = cfg.data
+  codes = image_code_tokenizer(cfg)
+  text = text_tokenizer(cfg, codes)
   audio = AudioTokenizer(patch_frames=d.audio_patch_frames, patch_mels=d.audio_patch_mels)
   image = ImageTokenizer(patch_size=d.image_patch_size, max_tokens=d.image_max_tokens)
   video = VideoTokenizer(fps=d.video_fps, max_frames=d.video_max_frames, audio=audio,
@@ -71,7 +101,7 @@ def sequence_builder(cfg):
                                               max_tokens=d.video_frame_tokens))
   weights = {'text': d.loss_weight_text, 'image_code': d.loss_weight_image_code}
   return SequenceBuilder(text, image=image, audio=audio, video=video, loss_weights=weights,
-                         media_cache_mb=d.media_cache_mb)
+                         media_cache_mb=d.media_cache_mb, image_codes=codes)
 
 
 def data_settings(cfg, split: str):

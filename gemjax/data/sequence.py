@@ -13,6 +13,15 @@ A record (in memory) is a dict with a list of segments, in reading order:
 
 `predict` defaults to True for text and False otherwise.
 
+An image the model is trained to produce (`{'kind': 'image', 'data': ...,
+'predict': True}`) is not patched: it is decoded to pixels and encoded by the
+builder's discrete code tokenizer (`image_codes`, an ImageCodeTokenizer from
+gemjax/tokenizers/image_codes.py, set by the config's `data.image_codes`)
+into an [h, w] grid of codes, then added exactly as an 'image_code' segment
+with those codes (loss weight: the 'image_code' weight). Codes of byte
+inputs are cached like tokenized media (`media_cache_mb`). Without a code
+tokenizer such a segment is bad input.
+
 Tokens. Text ids come from the text tokenizer; everything else from the
 `VocabLayout` (gemjax/tokenizers/vocab.py). Optional bos first and eos last.
 
@@ -23,6 +32,7 @@ Tokens. Text ids come from the text tokenizer; everything else from the
                 time falls in [t_k, t_k+1), when the video tokenizer has
                 include_audio)
     image_code  begin_image  code ids (discrete, predicted)  end_image
+                (also a predicted image: its codes, see above)
 
 Per-token arrays (T = number of tokens):
   modality   how the embedding at i is made: 1/2/3 image/audio/video for
@@ -171,6 +181,8 @@ class _Sequence:
 
 def _arrays(obj) -> list[np.ndarray]:
   """The numpy arrays held by a tokens dataclass (one level of nesting)."""
+  if isinstance(obj, np.ndarray):
+    return [obj]
   out = []
   for v in vars(obj).values():
     if isinstance(v, np.ndarray):
@@ -206,6 +218,10 @@ class SequenceBuilder:
       'image_code'); missing kinds weigh 1.0.
     add_bos, add_eos: wrap each example in the layout's bos / eos.
     max_length: records longer than this many tokens are bad input.
+    media_cache_mb: per-process LRU cache of tokenized media and image codes.
+    image_codes: discrete image tokenizer for predicted images (anything with
+      `num_codes` and `encode(uint8 [H, W] or [H, W, C]) -> int [h, w]`);
+      its codes must fit the text tokenizer's layout (num_image_codes).
   """
 
   def __init__(self, text_tokenizer: TextTokenizer, *,
@@ -214,7 +230,8 @@ class SequenceBuilder:
                video: VideoTokenizer | None = None,
                loss_weights: Mapping[str, float] | None = None,
                add_bos: bool = True, add_eos: bool = True,
-               max_length: int | None = None, media_cache_mb: float = 0):
+               max_length: int | None = None, media_cache_mb: float = 0,
+               image_codes: Any = None):
     self.text = text_tokenizer
     self.layout: VocabLayout = text_tokenizer.layout
     self.image = image or ImageTokenizer()
@@ -236,6 +253,12 @@ class SequenceBuilder:
     self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
     self.add_bos, self.add_eos = add_bos, add_eos
     self.max_length = max_length
+    if image_codes is not None and int(image_codes.num_codes) > self.layout.num_image_codes:
+      raise ValueError(f'SequenceBuilder: the image code tokenizer has '
+                       f'{image_codes.num_codes} codes but the text tokenizer\'s layout '
+                       f'reserves {self.layout.num_image_codes} (build it with '
+                       f'num_image_codes={image_codes.num_codes})')
+    self.image_codes = image_codes
     # Tokenized media by content, least recently used first out: a small
     # corpus seen for many epochs (or composed pairs reusing the same clips)
     # decodes each file once per process. 0 = off.
@@ -283,9 +306,12 @@ class SequenceBuilder:
     for i, seg in enumerate(segments):
       kind, predict = self._check_segment(seg, i, source)
       seg_source = f'{source}:segments[{i}]'
+      add = kind
+      if kind == 'image' and predict:   # an image to draw: its discrete codes
+        kind, add = 'image_code', 'predicted_image'
       w = float(self.loss_weights[kind]) if predict else 0.0
       try:
-        getattr(self, f'_add_{kind}')(seq, seg, w, seg_source)
+        getattr(self, f'_add_{add}')(seq, seg, w, seg_source)
       except BadInputError:
         raise
       except Exception as e:  # a library failed in a way we did not foresee
@@ -367,6 +393,19 @@ class SequenceBuilder:
         seq.patch_block('audio', chunk.patches, _audio_positions(st, chunk),
                         seq.new_block())
     seq.text_like([self.layout.end_video], w)
+
+  def _encode_codes(self, data, source: str) -> np.ndarray:
+    pixels = np.asarray(self.image.decode(data, source))   # RGB uint8 [H, W, 3]
+    return np.asarray(self.image_codes.encode(pixels), np.int32)
+
+  def _add_predicted_image(self, seq: _Sequence, seg, w: float, source: str):
+    if self.image_codes is None:
+      raise BadInputError('image', source, 'an image with predict=True is trained as '
+                          'discrete image codes, and this builder has no image code '
+                          'tokenizer: set data.image_codes (a saved ImageCodeTokenizer '
+                          'directory), or mark the image predict=False')
+    codes = self._tokenize('image_code', self._encode_codes, seg['data'], source)
+    self._add_image_code(seq, {'codes': codes}, w, source)
 
   def _add_image_code(self, seq: _Sequence, seg, w: float, source: str):
     codes = np.asarray(seg['codes'])

@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       tasks = tasks_lib.evaluate_tasks(cfg, params, mdef, mesh, specs,
                                        batch_size=cfg.eval.task_batch_size,
                                        max_records=cfg.eval.max_records,
-                                       by_generation=cfg.eval.generate)
+                                       by_generation=cfg.eval.generate,
+                                       out_dir=out_dir if jax.process_index() == 0 else None)
       report['tasks'] = tasks
     passkey = None
     if cfg.data.source == 'passkey':
@@ -172,6 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
       print('task accuracy (exact match of the answer, test split; generated = greedy '
             'decoding with the KV cache, tf = teacher-forced):')
       for task, r in tasks.items():
+        if 'drawing' in r:
+          d = r['drawing']
+          parts = [f"{k.replace('_', ' ')} {d[k]:6.1%}" for k in
+                   ('well_formed', 'drawn_as_requested', 'named_as_drawn') if k in d]
+          print(f"  {task:>14}: drawn: {', '.join(parts)}  ({d['records']} records, "
+                f"guidance {d['guidance_scale'] or 1}; grid {r.get('drawing_grid', '-')})")
+          if not r['records']:
+            continue
         g = r.get('generated_exact_match')
         gen = f'generated {g:6.1%}, ' if g is not None else ''
         print(f"  {task:>14}: {gen}tf {r['exact_match']:6.1%}  ({r['records']} records, "

@@ -63,12 +63,15 @@ def _answer_stats(logits_BxTxV, batch):
 
 def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
                    batch_size: int = 16, max_records: int = 0,
-                   by_generation: bool = True) -> dict[str, dict]:
+                   by_generation: bool = True, out_dir: str | None = None) -> dict[str, dict]:
   """Per-task {records, exact_match, token_accuracy, loss, bad} and, with
   `by_generation`, generated_exact_match / generated_records: the prompt (the
   record up to its trailing predicted segments) decoded greedily with the KV
   cache until end-of-sequence; exact when the generated tokens are the
   answer's followed by eos. Tasks with no prompt (plain text) are not generated.
+  Records whose answer holds an image are drawn instead (gemjax/eval/drawing.py):
+  their results go under 'drawing', and with `out_dir` a PNG grid per task
+  (its path under 'drawing_grid').
   """
   from gemjax.data.registry import sequence_builder
   builder = sequence_builder(cfg)
@@ -76,6 +79,18 @@ def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
   if by_generation:
     from gemjax.inference.generator import Generator
     gen = Generator.from_config(cfg, params, mdef, mesh)
+  drawing = None
+  if gen is not None and gen.image_codes is not None:
+    from gemjax.eval import drawing as drawing_lib
+    from gemjax.eval.digits import default_classifier
+    from gemjax.inference.decode import SamplingConfig
+    e = cfg.eval
+    sampling = (SamplingConfig(temperature=e.image_temperature, top_k=e.image_top_k)
+                if e.image_temperature > 0 else SamplingConfig(greedy=True))
+    drawing = drawing_lib.DrawingEval(
+        gen, guidance_scale=e.guidance_scale if e.guidance_scale != 1 else None,
+        sampling=sampling, batch_size=batch_size, seed=cfg.train.seed,
+        classifier=default_classifier())
   gen_pending: list[tuple[str, dict, np.ndarray]] = []
   budgets = patch_budgets(cfg.data)
   T = cfg.train.seq_len
@@ -125,6 +140,10 @@ def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
     prompt_rec, answer = split_answer(rec)
     if not prompt_rec['segments'] or not answer:
       return
+    if any(s.get('kind') == 'image' for s in answer):
+      if drawing is not None:
+        drawing.add(task, prompt_rec, answer, rec.get('meta'))
+      return
     p = gen.encoder.example(prompt_rec, where)
     n = len(p['tokens'])
     if not np.array_equal(p['tokens'], ex['tokens'][:n]):
@@ -165,6 +184,14 @@ def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
     if c['gen_records']:
       out[task]['generated_records'] = c['gen_records']
       out[task]['generated_exact_match'] = c['gen_exact'] / c['gen_records']
+  if drawing is not None:
+    for task, r in drawing.results().items():
+      out.setdefault(task, {'records': 0, 'bad': 0, 'exact_match': 0.0,
+                            'token_accuracy': 0.0, 'loss': 0.0})['drawing'] = r
+    if out_dir is not None:
+      for path in drawing.write_grids(out_dir):
+        task = os.path.basename(path)[len('drawn_'):-len('.png')]
+        out[task]['drawing_grid'] = path
   return out
 
 
@@ -220,6 +247,25 @@ def write_task_report(out_dir: str, title: str, overall: Mapping[str, Any],
     gen = f'{g:.1%}' if g is not None else 'n/a'
     lines.append(f"| {task} | {r['records']} | {gen} | {r['exact_match']:.1%} | "
                  f"{r['token_accuracy']:.1%} | {r['loss']:.3f} | {r['bad']} |")
+  drawn = {t: r for t, r in tasks.items() if 'drawing' in r}
+  if drawn:
+    lines += ['', '## Image output (drawn by the model)', '',
+              'Constrained decoding with classifier-free guidance. Well formed: exactly '
+              'H*W codes then end-image. Drawn as requested / named as drawn: read by an '
+              'independent digit classifier trained on real training digits only '
+              '(gemjax/eval/digits.py).', '',
+              '| task | records | well formed | drawn as requested | named as drawn | '
+              'guidance scale |', '|---|---|---|---|---|---|']
+    for task, r in drawn.items():
+      d = r['drawing']
+      cells = [f"{d[k]:.1%}" if k in d else 'n/a'
+               for k in ('well_formed', 'drawn_as_requested', 'named_as_drawn')]
+      lines.append(f"| {task} | {d['records']} | {' | '.join(cells)} | "
+                   f"{d['guidance_scale'] or 1} |")
+    for task, r in drawn.items():
+      if r.get('drawing_grid'):
+        lines += ['', f'{task} (one row per requested digit):', '',
+                  f"![{task}]({os.path.basename(r['drawing_grid'])})"]
   lines += ['', '## Loss by predicted modality (packed evaluation batches)', '',
             '| modality | loss | perplexity | accuracy | tokens |', '|---|---|---|---|---|']
   for name in MODALITY_NAMES:

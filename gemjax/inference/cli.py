@@ -4,6 +4,7 @@
     python generate.py configs/nano.yaml --prompt "The list" --max-new-tokens 64 \
         --temperature 0.8 --top-p 0.9
     python generate.py runs/nano --jsonl prompts.jsonl > answers.jsonl
+    python generate.py runs/nano --prompt "Draw the digit 7." --out drawn/ --guidance 3
 
 The first argument is a run directory, a checkpoint step directory, or a
 config YAML (whose train.run_dir holds the checkpoint); the model config is
@@ -14,6 +15,10 @@ prompt record per line (`{"segments": [...]}` in the sequence-builder format,
 media `data` as file paths, or `{"prompt": "...", "image": PATH, ...}`),
 answered in batches of --batch-size; one JSON line per prompt on stdout.
 Trailing `section.key=value` arguments override the mesh or data settings.
+--out DIR: the answer may hold images (a model trained with data.image_codes):
+decoding is constrained to well-formed image blocks, each image is written to
+DIR as a PNG (`<index>-<k>.png`) and its path printed in place; --guidance S
+applies classifier-free guidance to image codes (S > 1 follows the prompt more).
 Exit status 2 on bad input (a missing or corrupt file, a prompt too long).
 """
 
@@ -51,6 +56,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--top-p', type=float, default=1.0)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--no-stream', action='store_true', help='print the answer at the end')
+  p.add_argument('--out', default=None,
+                 help='write generated images to this folder (text + image answers)')
+  p.add_argument('--guidance', type=float, default=None,
+                 help='classifier-free guidance scale on image codes (with --out)')
   return p
 
 
@@ -91,6 +100,38 @@ def read_jsonl(path: str) -> list[dict]:
   return out
 
 
+def _draw(gen: Generator, prompts: list[dict], args, rng, kw) -> int:
+  """Text + image answers; images written to args.out as PNGs."""
+  import os
+
+  from PIL import Image
+  os.makedirs(args.out, exist_ok=True)
+  for start in range(0, len(prompts), args.batch_size):
+    chunk = prompts[start:start + args.batch_size]
+    rng, sub = jax.random.split(rng)
+    answers = gen.generate_multimodal(chunk, rng=sub, guidance_scale=args.guidance, **kw)
+    for i, ans in enumerate(answers):
+      index, parts, paths = start + i, [], []
+      for k, img in enumerate(ans.images):
+        path = os.path.join(args.out, f'{index}-{k}.png')
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
+        paths.append(path)
+      k = 0
+      for kind, piece in ans.pieces:
+        if kind == 'text':
+          parts.append(piece)
+        else:
+          parts.append(f'[image: {paths[k]}]')
+          k += 1
+      if args.jsonl is not None:
+        print(json.dumps({'index': index, 'answer': ans.text, 'images': paths,
+                          'tokens': ans.tokens, 'stopped': ans.stopped,
+                          'well_formed': ans.well_formed}), flush=True)
+      else:
+        print(''.join(parts), flush=True)
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
   args = parser().parse_args(argv)
@@ -104,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise GemjaxError('give --prompt (and/or --image/--audio/--video), or --jsonl FILE')
     gen = Generator.from_checkpoint(args.checkpoint, args.overrides)
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, max_len=args.max_len)
+    if args.guidance is not None and args.out is None:
+      raise GemjaxError('--guidance applies to generated images: give --out DIR too')
+    if args.out is not None:
+      prompts = (read_jsonl(args.jsonl) if args.jsonl is not None
+                 else [record_of(args.prompt, args.image, args.audio, args.video)])
+      return _draw(gen, prompts, args, rng, kw)
     if args.jsonl is not None:
       prompts = read_jsonl(args.jsonl)
       for start in range(0, len(prompts), args.batch_size):

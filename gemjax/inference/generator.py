@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from gemjax.errors import BadInputError
-from gemjax.inference import decode
+from gemjax.inference import decode, multimodal
 from gemjax.inference.decode import GREEDY, SamplingConfig
 from gemjax.inference.prompts import PromptEncoder
 from gemjax.parallel import layouts
@@ -37,6 +37,17 @@ class Answer:
   text: str
   tokens: list[int]        # generated ids, the stop token included if one came
   stopped: bool            # ended on a stop token (else ran out of max_new_tokens)
+
+
+@dataclasses.dataclass
+class MultimodalAnswer:
+  text: str                 # the text pieces, joined
+  pieces: list              # ('text', str) and ('image', uint8 [H, W, C] or codes) in order
+  images: list              # decoded images, uint8 [H, W, C] (codes [h, w] without a decoder)
+  codes: list               # int32 [h, w] code grid of each image
+  tokens: list[int]         # generated ids, the stop token included if one came
+  stopped: bool
+  well_formed: bool         # every image block exactly H*W codes, then end_image
 
 
 def pad_multiple(model_cfg, mesh) -> int:
@@ -152,6 +163,71 @@ class Generator:
       if not text.endswith('\ufffd') and text != shown:
         yield text[len(shown):]
         shown = text
+
+
+  # Text and images.
+
+  @property
+  def image_codes(self):
+    """The run's image-code tokenizer (None: the model cannot draw)."""
+    return getattr(self.encoder.builder, 'image_codes', None)
+
+  def image_blocks(self) -> multimodal.ImageBlocks:
+    codes = self.image_codes
+    if codes is None:
+      raise BadInputError('config', 'data.image_codes', 'this model has no image-code '
+                          'tokenizer, so it cannot generate images')
+    return multimodal.ImageBlocks.from_layout(self.encoder.layout, codes.grid)
+
+  def generate_multimodal(self, prompts: Sequence[Mapping[str, Any]], *,
+                          max_new_tokens: int = 64, sampling: SamplingConfig = GREEDY,
+                          guidance_scale: float | None = None,
+                          stop_tokens: Sequence[int] | None = None,
+                          rng: jax.Array | None = None,
+                          max_len: int | None = None) -> list[MultimodalAnswer]:
+    """Answers with text and images (constrained decoding; see
+    gemjax/inference/multimodal.py). `guidance_scale` adds an unconditional
+    twin of every prompt and mixes image-code logits u + s (c - u)."""
+    blocks = self.image_blocks()
+    n = len(prompts)
+    if not n:
+      raise ValueError('generate_multimodal: no prompts')
+    examples = [self.encoder.example(p, f'prompt {i}') for i, p in enumerate(prompts)]
+    rows = -(-n // self.rows) * self.rows
+    examples += [examples[0]] * (rows - n)
+    if guidance_scale is not None:
+      uncond = [self.encoder.example(multimodal.unconditional_prompt(p),
+                                     f'prompt {i} (unconditional)')
+                for i, p in enumerate(prompts)]
+      examples += uncond + [uncond[0]] * (rows - n)
+    stops = self.default_stops() if stop_tokens is None else tuple(stop_tokens)
+    batch, max_len = self._prepare(examples, max_new_tokens, max_len)
+    out = multimodal.run_multimodal(self.sampler, batch, rng, blocks=blocks,
+                                    max_new_tokens=max_new_tokens, max_len=max_len,
+                                    sampling=sampling, guidance_scale=guidance_scale,
+                                    stop_tokens=stops, pad_id=self.encoder.layout.pad)
+    toks, lengths, stopped = (np.asarray(x) for x in out[:3])
+    answers = []
+    for i in range(n):
+      ids = [int(t) for t in toks[i, :lengths[i]]]
+      answers.append(self._answer(ids, blocks, stops, bool(stopped[i])))
+    return answers
+
+  def _answer(self, ids, blocks, stops, stopped) -> MultimodalAnswer:
+    parts, ok = multimodal.split_pieces(ids, blocks, stops)
+    grids = [p.codes for p in parts if p.kind == 'image' and p.codes is not None]
+    decoder = self.image_codes
+    images = list(decoder.decode(np.stack(grids))) if grids and hasattr(decoder, 'decode') \
+        else list(grids)
+    pieces, k = [], 0
+    for p in parts:
+      if p.kind == 'text':
+        pieces.append(('text', self.encoder.decode(p.ids, stops)))
+      elif p.codes is not None:
+        pieces.append(('image', images[k]))
+        k += 1
+    text = ''.join(t for kind, t in pieces if kind == 'text')
+    return MultimodalAnswer(text, pieces, images, grids, ids, stopped, ok)
 
 
 def generate(model, prompts: Sequence[Mapping[str, Any]], max_new_tokens: int = 32,

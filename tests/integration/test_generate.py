@@ -171,6 +171,7 @@ def test_task_eval_by_generation_scores_known_answers(monkeypatch):
   path = 'data/sample/test/image_digit-*'
   cfg = load_config('configs/nano.yaml', SMALL + [
       'model.vocab_size=272', 'model.video_patch_dim=588', 'data.eval_datasets=[]',
+      "data.image_codes=''",   # text answers only: no image-code range in the vocabulary
       f'data.datasets=[{{path: "{path}"}}]'])
   mdef = st.model_def(cfg.model)
   mesh = shd.single_device_mesh()

@@ -84,8 +84,8 @@ def test_override_sets_a_field_of_a_list_entry_the_preset_wrote():
 
 
 @pytest.mark.parametrize('override, message', [
-    ('data.datasets.7.weight=3', r"'data.datasets.7.weight': index 7 is out of range; "
-                                 r'data.datasets has 7 entries; valid indices are 0..6'),
+    ('data.datasets.9.weight=3', r"'data.datasets.9.weight': index 9 is out of range; "
+                                 r'data.datasets has 9 entries; valid indices are 0..8'),
     ('data.datasets.0.wieght=3', r"unknown config key 'data.datasets.0.wieght'; did you mean "
                                  r"'data.datasets.0.weight'\? \(entries of data.datasets have "
                                  r'the fields path, weight, kind'),

@@ -214,11 +214,12 @@ def test_loss_weights_per_kind_and_image_codes(builder):
   L = builder.layout
   b = SequenceBuilder(builder.text, image=builder.image, audio=builder.audio,
                       video=builder.video,
-                      loss_weights={'text': 0.5, 'image_code': 2.0, 'image': 3.0})
+                      loss_weights={'text': 0.5, 'image_code': 2.0, 'audio': 3.0})
   codes = np.array([[1, 2, 3], [4, 5, 6]])
+  # (A predicted *image* is trained as its codes: tests/unit/test_image_output_data.py.)
   ex = b.build({'segments': [
       {'kind': 'text', 'text': 'q', 'predict': False},
-      {'kind': 'image', 'data': png(14, 28), 'predict': True},
+      {'kind': 'audio', 'data': wav(0.2), 'predict': True},
       {'kind': 'image_code', 'codes': codes, 'predict': True},
       {'kind': 'text', 'text': 'ok', 'predict': True}]})
   tok, w = ex['tokens'], ex['loss_weights']
@@ -227,10 +228,10 @@ def test_loss_weights_per_kind_and_image_codes(builder):
   assert list(tok[is_code]) == list(L.image_code_id(codes.ravel()))
   assert np.all(weight_of_token[is_code] == 2.0)
   assert np.all(weight_of_token[tok == L.placeholder] == 0)  # never predict a patch
-  first_bi = np.flatnonzero(tok == L.begin_image)[0]
-  first_ei = np.flatnonzero(tok == L.end_image)[0]
-  assert weight_of_token[first_bi] == 3.0 and weight_of_token[first_ei] == 3.0  # image markers
-  assert weight_of_token[np.flatnonzero(tok == L.begin_image)[1]] == 2.0
+  first_ba = np.flatnonzero(tok == L.begin_audio)[0]
+  first_ea = np.flatnonzero(tok == L.end_audio)[0]
+  assert weight_of_token[first_ba] == 3.0 and weight_of_token[first_ea] == 3.0  # audio markers
+  assert weight_of_token[np.flatnonzero(tok == L.begin_image)[0]] == 2.0
   assert list(weight_of_token[-3:]) == [0.5, 0.5, 0.5]  # o, k, eos
   assert weight_of_token[1] == 0.0  # 'q' not predicted
   # 2-D codes get image-like positions (st, st + row, st + col); no block (causal).
