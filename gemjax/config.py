@@ -61,6 +61,8 @@ class MoEConfig:
   renormalize: bool = True
   capacity_factor: float = 1.25
   # 'auto' (capacity on CPU, dropless on GPU/TPU) | 'capacity' | 'dropless'.
+  # Capacity groups are per-device chunks of a row: with drops, its outputs
+  # depend on mesh.context and mesh.context_layout (gemjax/model/moe.py).
   path: str = 'auto'
   router_z_loss: float = 1e-3
   load_balance_loss: float = 1e-2
@@ -101,6 +103,10 @@ class ModelConfig:
   # 512 suits TPU/GPU).
   attention_block: int = 512
   # Local + global: `local_layers` sliding-window layers, then one global one.
+  # A query sees the `window` most recent tokens, itself included (tokens of
+  # one media block always see each other). The window bounds the past only:
+  # a non-causal kernel call with a window sees every later key
+  # (one-sided; gemjax/kernels/mask.py).
   local_layers: int = 0
   window: int = 0
   mlp: str = 'swiglu'

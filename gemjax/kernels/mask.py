@@ -4,6 +4,15 @@
                     AND (index_j <= index_i  OR  same nonzero block)   [causal]
                     AND (window == 0 OR index_i - index_j < window OR same block)
 
+The window is one-sided: it bounds how far back a query looks
+(index_i - index_j < window) and never how far ahead. With causal=True that
+is the usual sliding window (the `window` most recent tokens, itself
+included); with causal=False a query sees every later key of its segment
+plus the `window` - 1 before it, not a symmetric band |index_i - index_j| <
+window. Splash's non-causal local mask is the same left-only window, and
+cuDNN (a left window only together with the causal mask) falls back to
+'blockwise' there, so every kernel agrees. The decoder's windows are causal.
+
 Segments are packed documents (0 = padding, which only sees padding, so no
 row is empty and nothing leaks); blocks are bidirectional media blocks;
 `index` is each token's place in its row before any layout permutation

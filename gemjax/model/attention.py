@@ -157,6 +157,11 @@ class AttentionSpec:
     """heads x head_dim: the width of the score and value matmuls (for FLOPs)."""
     return self.num_heads * self.head_dim
 
+  def keys_per_query(self, seq_len: int) -> int:
+    """Keys a query's score/value matmuls cover in a row of `seq_len` (for
+    FLOPs): `window` for a sliding-window layer, else the whole row."""
+    return min(self.window, seq_len) if self.window else seq_len
+
 
 class Attention(nnx.Module):
   """Pre-projected GQA: x -> q, k, v -> (QK-norm) -> RoPE -> kernel -> out."""

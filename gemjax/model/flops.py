@@ -27,13 +27,15 @@ def num_moe_layers(spec: DecoderSpec) -> int:
 
 
 def attention_flops_per_token(spec: DecoderSpec, seq_len: int) -> int:
-  """Score + value matmuls. A sliding-window (local) layer attends to at most
-  `window` keys per query, so it counts min(window, seq_len) instead of T."""
+  """Score + value matmuls: 12 * heads * head_dim per (query, key) pair, over
+  the keys each layer's spec says a query covers (`keys_per_query`): T for
+  global attention, min(window, T) for a sliding-window layer, the segment
+  (min(segment_len, T), windowed if set) for Infini-attention. Infini's
+  memory read/write (K x K per head and token, independent of T) is not a
+  score matmul and is not counted, like other non-parameter matmuls."""
   per_group = 0
   for b in spec.period:
-    window = b.attention.window
-    context = min(window, seq_len) if window else seq_len
-    per_group += 12 * b.attention.score_width * context
+    per_group += 12 * b.attention.score_width * b.attention.keys_per_query(seq_len)
   return spec.num_groups * per_group
 
 

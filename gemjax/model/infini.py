@@ -127,6 +127,11 @@ class InfiniSpec:
   def score_width(self) -> int:
     return self.attention.score_width
 
+  def keys_per_query(self, seq_len: int) -> int:
+    """Softmax attention runs inside one segment only (earlier segments are
+    read from the memory), so a query covers at most `segment_len` keys."""
+    return self.attention.keys_per_query(min(self.segment_len, seq_len))
+
 
 class InfiniAttention(Attention):
   """GQA attention within segments + a gated compressive memory across them."""

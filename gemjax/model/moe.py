@@ -22,6 +22,16 @@ Like every feed-forward sublayer it returns `(y_BxTxD, aux)`:
 Padding tokens (segment id 0) are not routed: they take no expert capacity,
 and count in no loss or metric.
 
+Capacity path (`path='capacity'`, the CPU default of 'auto'): outputs depend
+on how tokens are grouped, not only on the tokens. A group is a row, or with
+the sequence split over `mesh.context` each device's chunk of the row, so
+changing `mesh.context` (or `mesh.context_layout`, which changes the chunks)
+changes which assignments overflow and drop, and hence the outputs and the
+loss. Within a group the GShard priority (all first choices before any
+second choice) also lets a later token's first choice displace an earlier
+token's second choice, so capacity MoE is not strictly causal. The dropless
+path drops nothing and depends on neither.
+
 Imports jax, flax, gemjax.model.{layers, mlp, registry}, gemjax.parallel and
 gemjax.batch (the modality names).
 """

@@ -1,10 +1,13 @@
 """The mesh a config asks for on a given number of devices, checked.
 
 `resolve_mesh_shape` fills the one -1 axis of `mesh.*` from the device count;
-`validate_mesh` adds the checks that need the resolved sizes (heads, experts,
-batch and sequence divisible by the axes they are split over). These are the
-config checks that depend on the machine, so they live here and not in
-`gemjax.config.validate`, which checks a config on its own.
+`validate_mesh` adds the checks that need the resolved sizes: every model
+width divisible by the mesh axes `LOGICAL_AXIS_RULES` splits it over (heads,
+KV heads, MLP/expert hidden, vocabulary, model width, experts), batch and
+sequence divisible by theirs, and an attention kind that can run on a
+sequence split over 'context'. These are the config checks that depend on
+the machine, so they live here and not in `gemjax.config.validate`, which
+checks a config on its own.
 
 Pure arithmetic: imports `gemjax.config`, `gemjax.errors` and
 `gemjax.parallel.axes` only (no jax), so `aot` and the golden-file tool can
@@ -18,7 +21,7 @@ from typing import Any
 
 from gemjax.config import Config, MeshConfig
 from gemjax.errors import ConfigError
-from gemjax.parallel.axes import MESH_AXES
+from gemjax.parallel.axes import LOGICAL_AXIS_RULES, MESH_AXES, axis_size
 
 
 def _fail(key: str, value: Any, valid: str) -> None:
@@ -54,32 +57,99 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]
   return sizes
 
 
+# Widths of the model that parameters (and activations) split over mesh
+# axes, by the logical name they carry: (config key, logical name). Which
+# mesh axes a name goes to is `LOGICAL_AXIS_RULES`'s business, not this list's.
+SPLIT_WIDTHS = (
+    ('model.num_heads', 'heads'),
+    ('model.num_kv_heads', 'kv_heads'),
+    ('model.mlp_dim', 'mlp'),
+    ('model.vocab_size', 'vocab'),
+    ('model.d_model', 'embed'),
+)
+MOE_SPLIT_WIDTHS = (
+    ('model.moe.num_experts', 'experts'),
+    ('model.moe.expert_dim', 'mlp'),
+    ('model.d_model', 'expert_embed'),
+)
+
+# `model.attention` kinds that work on a sequence split over 'context':
+# 'ring' passes K/V shards around the ring; 'dense' is an einsum GSPMD splits
+# over the query shards (K/V gathered, [T/N, T] scores per device). Both mask
+# by each token's original index, so any `mesh.context_layout` is exact.
+# Not here: 'blockwise' (and 'cudnn'/'splash', which fall back to it) would
+# all-gather q/k/v and every context shard would compute the whole attention;
+# 'infini' scans its memory over segments in array order (a layout would let
+# earlier tokens read later ones, and the scan cannot be split anyway).
+CONTEXT_ATTENTION = ('ring', 'dense')
+
+
+def _value(cfg: Config, key: str) -> Any:
+  node: Any = cfg
+  for part in key.split('.'):
+    node = getattr(node, part)
+  return node
+
+
+def _split_over(logical: str, sizes: dict[str, int]) -> tuple[str, int]:
+  """('mesh.tensor', 4) or ('mesh.data*fsdp', 4): what a logical name splits over."""
+  target = LOGICAL_AXIS_RULES.get(logical)
+  axes = (target,) if isinstance(target, str) else tuple(target or ())
+  axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
+  return 'mesh.' + '*'.join(axes), axis_size(sizes, axes)
+
+
+def _check_splits(cfg: Config, sizes: dict[str, int]) -> None:
+  """Every split width divisible by the devices it is split over (else init
+  would fail deep inside jax with an IndivisibleError)."""
+  m = cfg.model
+  widths = list(SPLIT_WIDTHS)
+  if m.moe.num_experts:
+    widths += MOE_SPLIT_WIDTHS
+  for key, logical in widths:
+    value = _value(cfg, key)
+    if key == 'model.moe.expert_dim' and value == 0:
+      continue   # 0 = model.mlp_dim, checked above
+    where, n = _split_over(logical, sizes)
+    if n > 1 and value % n:
+      _fail(key, value, f'must be divisible by {where}={n} ({logical!r} is split over it)')
+
+
+def _check_context(cfg: Config, sizes: dict[str, int]) -> None:
+  """A sequence split over 'context': lengths that split, a kernel that splits."""
+  n = sizes['context']
+  if cfg.train.seq_len % n:
+    _fail('train.seq_len', cfg.train.seq_len, f'must be divisible by mesh.context={n}')
+  if n == 1:
+    return
+  if cfg.mesh.context_layout == 'zigzag' and cfg.train.seq_len % (2 * n):
+    _fail('train.seq_len', cfg.train.seq_len,
+          f'must be divisible by 2 * mesh.context={2 * n} for '
+          "mesh.context_layout='zigzag' (or use 'striped')")
+  kind = cfg.model.attention
+  if kind == 'infini':
+    _fail('model.attention', kind,
+          f'mesh.context={n} splits the sequence, but Infini-attention scans its '
+          'memory over segments in array order: the scan cannot be split over '
+          "'context', and under a permuting mesh.context_layout (now "
+          f'{cfg.mesh.context_layout!r}) earlier tokens would read later ones from '
+          'the memory; set mesh.context=1 for Infini-attention (split the batch '
+          'over data/fsdp instead)')
+  if kind not in CONTEXT_ATTENTION:
+    _fail('model.attention', kind,
+          f'mesh.context={n} splits the sequence, but {kind!r} would all-gather '
+          'q/k/v and compute the whole attention on every context shard; set '
+          "model.attention=ring (or 'dense', which keeps a [T/N, T] score "
+          'matrix per device), or mesh.context=1')
+
+
 def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
   """The resolved axis sizes, after checking every split they imply."""
   sizes = resolve_mesh_shape(cfg.mesh, num_devices)
-  m = cfg.model
-  tp = sizes['tensor']
-  if m.num_heads % tp:
-    _fail('model.num_heads', m.num_heads,
-          f'must be divisible by mesh.tensor={tp} (heads are split over it)')
-  if m.num_kv_heads % tp and tp % m.num_kv_heads:
-    _fail('model.num_kv_heads', m.num_kv_heads,
-          f'must divide or be divisible by mesh.tensor={tp}')
-  if m.mlp_dim % tp:
-    _fail('model.mlp_dim', m.mlp_dim, f'must be divisible by mesh.tensor={tp}')
-  if m.moe.num_experts and m.moe.num_experts % sizes['expert']:
-    _fail('model.moe.num_experts', m.moe.num_experts,
-          f"must be divisible by mesh.expert={sizes['expert']} (experts are split over it)")
+  _check_splits(cfg, sizes)
   batch_shards = sizes['data'] * sizes['fsdp'] * sizes['expert'] * cfg.mesh.dcn_data
   if cfg.train.batch_size % batch_shards:
     _fail('train.batch_size', cfg.train.batch_size,
           f'must be divisible by the batch shards data*fsdp*expert*dcn_data={batch_shards}')
-  if cfg.train.seq_len % sizes['context']:
-    _fail('train.seq_len', cfg.train.seq_len,
-          f"must be divisible by mesh.context={sizes['context']}")
-  if sizes['context'] > 1 and cfg.mesh.context_layout == 'zigzag' and \
-      cfg.train.seq_len % (2 * sizes['context']):
-    _fail('train.seq_len', cfg.train.seq_len,
-          f"must be divisible by 2 * mesh.context={2 * sizes['context']} for "
-          "mesh.context_layout='zigzag' (or use 'striped')")
+  _check_context(cfg, sizes)
   return sizes

@@ -153,7 +153,9 @@ def sharded_blockwise(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax
   """Blockwise attention, each device on its batch/head shard (no sequence split).
 
   Without a mesh (or on a 1-device one) this is `flash.blockwise_attention`.
-  A sequence split over 'context' is gathered here; use `ring_attention`.
+  A sequence split over 'context' would be gathered here (every context
+  shard computing the whole attention), so `gemjax.parallel.mesh.validate_mesh`
+  rejects this kernel when mesh.context > 1: use `ring_attention`.
   """
   kv_mask = mask if kv_mask is None else kv_mask
   mesh = current_mesh()

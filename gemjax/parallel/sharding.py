@@ -2,8 +2,9 @@
 
 Layers name the axes of their parameters and activations with *logical* names
 ('embed', 'heads', 'mlp', 'batch', ...). Only this module maps them to mesh
-axes (whose names live in `gemjax.parallel.axes`). Swapping a parallelism
-strategy is swapping `LOGICAL_AXIS_RULES`; the few places that need another
+axes (the axis names and the table `LOGICAL_AXIS_RULES` are plain data in
+`gemjax.parallel.axes`, re-exported here). Swapping a parallelism strategy
+is swapping `LOGICAL_AXIS_RULES`; the few places that need another
 mapping (inside the expert shard_map) name a rule set from `RULE_SETS`.
 
 `constrain(x, names)` is the activation hook the model calls: a sharding
@@ -21,38 +22,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-# Re-exported: callers read `sharding.MESH_AXES` / `sharding.BATCH_AXES`.
-from gemjax.parallel.axes import BATCH_AXES, MESH_AXES  # noqa: F401
-
-# logical name -> mesh axis, tuple of mesh axes, or None (replicated).
-# Parameters: 'embed' (model width) is split over fsdp (ZeRO-3 style); heads,
-# MLP hidden and vocabulary over tensor; experts over expert; the stacked
-# layer axis is never split.
-# Activations: the batch over every data-like axis, the sequence over context,
-# widths replicated ('act_*') unless tensor parallelism splits heads/mlp.
-LOGICAL_AXIS_RULES: dict[str, Any] = {
-    # parameters
-    'layers': None,
-    'vocab': 'tensor',
-    'embed': 'fsdp',
-    'heads': 'tensor',
-    'kv_heads': 'tensor',
-    'head_dim': None,
-    'mlp': 'tensor',
-    'experts': 'expert',
-    'expert_embed': 'fsdp',
-    'norm': None,
-    'patch': None,
-    # activations
-    'batch': BATCH_AXES,
-    'length': 'context',
-    'act_embed': None,
-    'act_heads': 'tensor',
-    'act_kv_heads': 'tensor',
-    'act_mlp': 'tensor',
-    'act_vocab': 'tensor',
-    'act_experts': 'expert',
-}
+# Re-exported: callers read `sharding.MESH_AXES` / `sharding.BATCH_AXES` /
+# `sharding.LOGICAL_AXIS_RULES` (the table is plain data in `axes`, so the
+# jax-free config checks of `gemjax.parallel.mesh` read the same one).
+from gemjax.parallel.axes import BATCH_AXES, LOGICAL_AXIS_RULES, MESH_AXES  # noqa: F401
 
 # Named rule sets; each is the default table with a few names overridden.
 RULE_SETS: dict[str, dict[str, Any]] = {

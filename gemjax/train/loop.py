@@ -4,7 +4,8 @@ Start-up: config + validation -> (multi-host init) -> mesh -> model/optimizer
 -> data iterator -> resume from the run directory, or `init_from` for
 fine-tuning, or a fresh init. Then: steps with a progress bar, metrics every
 `log_every` steps (loss, grad norm, LR, tokens/s, step time, MFU) to the
-console, JSONL and TensorBoard, checkpoints every `checkpoint.every` steps.
+console, JSONL and TensorBoard (tokens/s counts real tokens, not padding),
+checkpoints every `checkpoint.every` steps.
 
 Failure handling: a non-finite loss/gradient skips the update (the step
 function keeps the old state), is counted and logged; after
@@ -186,13 +187,12 @@ class Trainer:
           if step % t.log_every == 0 or step == t.steps:
             jax.block_until_ready(metrics)
             elapsed = time.perf_counter() - window_t0
-            summary = metrics_lib.summarize(_window_mean(jax.device_get(window_sum),
-                                                         jax.device_get(metrics), window_steps))
-            step_time = elapsed / window_steps
-            summary.update(step_time_s=step_time,
-                           tokens_per_s=t.batch_size * t.seq_len / step_time,
-                           mfu=flops_step / step_time / peak,
-                           nonfinite_steps=nonfinite_total)
+            window = _window_mean(jax.device_get(window_sum), jax.device_get(metrics),
+                                  window_steps)
+            summary = metrics_lib.summarize(window)
+            summary.update(throughput(window, window_steps, elapsed, t.batch_size, t.seq_len))
+            step_time = summary['step_time_s']
+            summary.update(mfu=flops_step / step_time / peak, nonfinite_steps=nonfinite_total)
             writer.write(step, summary)
             msg = (f"step {step}: loss {summary['loss']:.4f} gnorm {summary['grad_norm']:.3f} "
                    f"lr {summary['learning_rate']:.2e} {summary['tokens_per_s']:.0f} tok/s "
@@ -227,6 +227,18 @@ class Trainer:
     log.warning('step %d: non-finite loss/gradient (loss=%s); update skipped '
                 '(%d in a row, %d total)', step, np.asarray(metrics['loss']), run, total)
     return run, total, run >= self.cfg.train.max_nonfinite_steps
+
+
+def throughput(window: dict, steps: int, elapsed: float, batch_size: int,
+               seq_len: int) -> dict[str, float]:
+  """Speed over a logging window: `tokens_per_s` counts real tokens (segment
+  id > 0, the step's `tokens_sum`), so packing efficiency shows in it;
+  `padded_tokens_per_s` counts every slot of the [B, T] batch (what the
+  hardware processed, and what MFU's FLOPs count)."""
+  step_time = elapsed / steps
+  return {'step_time_s': step_time,
+          'tokens_per_s': float(np.asarray(window['tokens_sum'])) / elapsed,
+          'padded_tokens_per_s': batch_size * seq_len / step_time}
 
 
 def _accumulate(total, metrics):

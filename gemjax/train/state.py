@@ -192,6 +192,12 @@ def loss_fn(params, batch, *, graphdef, z_loss: float):
   return loss + aux_loss, metrics
 
 
+def count_tokens(batch) -> jax.Array:
+  """Real (non-padding, segment id > 0) tokens of a batch, float32 so window
+  sums accumulate with the other float metrics; what tokens/s reports."""
+  return jnp.sum(batch['segment_ids'] > 0, dtype=jnp.float32)
+
+
 def make_train_step(mdef: ModelDef, tx, model_cfg, schedule: Callable) -> Callable:
   """One optimizer step; a non-finite loss or gradient leaves the state as is."""
 
@@ -208,7 +214,8 @@ def make_train_step(mdef: ModelDef, tx, model_cfg, schedule: Callable) -> Callab
                  'params': keep(new_params, state['params']),
                  'opt_state': keep(new_opt, state['opt_state'])}
     metrics.update(loss=loss, grad_norm=grad_norm, finite=finite,
-                   learning_rate=schedule(state['step']))
+                   learning_rate=schedule(state['step']),
+                   tokens_sum=count_tokens(batch))
     return new_state, metrics
 
   return step_fn

@@ -129,3 +129,16 @@ def test_blockwise_inside_layer_scan_keeps_linear_memory():
 
   temp = jax.jit(jax.grad(loss)).lower(q).compile().memory_analysis().temp_size_in_bytes
   assert temp < 2 * H * T * T * 4 / 4, temp
+
+
+def test_noncausal_window_bounds_the_past_only():
+  # The documented (gemjax/kernels/mask.py) one-sided window: without the
+  # causal mask a query sees every later key and the window - 1 before it.
+  T, W = 8, 3
+  idx = jnp.arange(T, dtype=jnp.int32)[None]
+  ones, zeros = jnp.ones((1, T), jnp.int32), jnp.zeros((1, T), jnp.int32)
+  got = visible_mask(ones, ones, zeros, zeros, idx, idx, causal=False, window=W)[0]
+  i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+  np.testing.assert_array_equal(got, i - j < W)
+  np.testing.assert_array_equal(visible_mask(ones, ones, zeros, zeros, idx, idx, causal=True,
+                                             window=W)[0], (i - j < W) & (j <= i))

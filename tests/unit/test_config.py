@@ -60,7 +60,57 @@ def test_zigzag_layout_needs_two_chunks_per_context_shard():
                                         r"2 \* mesh.context=8 for mesh.context_layout='zigzag'"):
     validate_mesh(cfg, num_devices=8)
   validate_mesh(load_config(None, ['mesh.data=2', 'mesh.context=4', 'train.seq_len=20',
-                                   'mesh.context_layout=striped']), num_devices=8)
+                                   'mesh.context_layout=striped', 'model.attention=ring']),
+                num_devices=8)
+
+
+@pytest.mark.parametrize('layout', ['contiguous', 'zigzag', 'striped'])
+def test_infini_rejects_a_context_split_in_any_layout(layout):
+  # Infini's memory scan walks segments in array order: under zigzag/striped
+  # earlier tokens would read later ones, and no layout splits the scan.
+  cfg = load_config(None, ['mesh.data=4', 'mesh.context=2', 'model.attention=infini',
+                           'model.infini.segment_len=32', f'mesh.context_layout={layout}'])
+  with pytest.raises(ConfigError, match=r"model.attention='infini' is invalid: mesh.context=2 "
+                                        r'splits the sequence.*set mesh.context=1'):
+    validate_mesh(cfg, num_devices=8)
+  validate_mesh(load_config(None, ['mesh.data=8', 'model.attention=infini',
+                                   'model.infini.segment_len=32']), num_devices=8)
+
+
+@pytest.mark.parametrize('kind', ['blockwise', 'cudnn', 'splash'])
+def test_context_split_needs_a_kernel_that_splits_the_sequence(kind):
+  # 'blockwise' (and the platform kernels that fall back to it) would
+  # all-gather q/k/v: every context shard would compute the whole attention.
+  cfg = load_config(None, ['mesh.data=4', 'mesh.context=2', f'model.attention={kind}'])
+  with pytest.raises(ConfigError, match=rf"model.attention='{kind}' is invalid: mesh.context=2 "
+                                        r'splits the sequence.*set model.attention=ring'):
+    validate_mesh(cfg, num_devices=8)
+  for ok in ('ring', 'dense'):
+    validate_mesh(load_config(None, ['mesh.data=4', 'mesh.context=2',
+                                     f'model.attention={ok}']), num_devices=8)
+  validate_mesh(load_config(None, [f'model.attention={kind}']), num_devices=8)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    # kv_heads -> tensor: 2 KV heads cannot be split 4 ways (was accepted, then
+    # init raised jax's IndivisibleError).
+    (['mesh.tensor=4', 'mesh.data=2', 'model.num_kv_heads=2'],
+     r"model.num_kv_heads=2 is invalid: must be divisible by mesh.tensor=4 \('kv_heads'"),
+    (['mesh.tensor=2', 'mesh.data=4', 'model.vocab_size=511'],
+     r"model.vocab_size=511 is invalid: must be divisible by mesh.tensor=2 \('vocab'"),
+    (['mesh.tensor=2', 'mesh.data=4', 'model.mlp_dim=63'],
+     r"model.mlp_dim=63 is invalid: must be divisible by mesh.tensor=2 \('mlp'"),
+    (['mesh.fsdp=8', 'mesh.data=1', 'model.d_model=36'],
+     r"model.d_model=36 is invalid: must be divisible by mesh.fsdp=8 \('embed'"),
+    (['mesh.tensor=2', 'mesh.data=4', 'model.moe.num_experts=4', 'model.moe.expert_dim=33'],
+     r"model.moe.expert_dim=33 is invalid: must be divisible by mesh.tensor=2 \('mlp'"),
+    (['mesh.expert=4', 'mesh.data=2', 'model.moe.num_experts=6', 'model.moe.top_k=2'],
+     r"model.moe.num_experts=6 is invalid: must be divisible by mesh.expert=4 \('experts'"),
+])
+def test_widths_divisible_by_the_mesh_axes_they_are_split_over(overrides, message):
+  cfg = load_config(None, overrides)
+  with pytest.raises(ConfigError, match=message):
+    validate_mesh(cfg, num_devices=8)
 
 
 def test_yaml_errors_name_the_file(tmp_path):
