@@ -207,3 +207,24 @@ def test_task_eval_by_generation_scores_known_answers(monkeypatch):
                                  max_records=6)['image_digit']
   # Batches of 4 and 2 records: one wrong in each.
   assert got['generated_records'] == 6 and got['generated_exact_match'] == pytest.approx(4 / 6)
+
+
+def test_cli_out_writes_generated_images_and_prints_their_paths(trained_run, tmp_path, capsys,
+                                                                 monkeypatch):
+  from gemjax.inference.generator import MultimodalAnswer
+  img = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28, 1)
+  calls = []
+
+  def drawn(self, prompts, **kw):
+    calls.append(kw['guidance_scale'])
+    return [MultimodalAnswer('7', [('image', img), ('text', '7')], [img],
+                             [np.zeros((7, 7), np.int32)], [1, 2], True, True)] * len(prompts)
+
+  monkeypatch.setattr(Generator, 'generate_multimodal', drawn)
+  out = tmp_path / 'drawn'
+  assert cli.main([str(trained_run), '--prompt', 'Draw a digit, then name it.',
+                   '--out', str(out), '--guidance', '2.5']) == 0
+  assert capsys.readouterr().out == f'[image: {out}/0-0.png]7\n' and calls == [2.5]
+  np.testing.assert_array_equal(np.asarray(Image.open(out / '0-0.png')), img[..., 0])
+  assert cli.main([str(trained_run), '--prompt', 'Draw.', '--guidance', '2']) == 2
+  assert '--out' in capsys.readouterr().err

@@ -246,14 +246,20 @@ def test_sample_corpus_splits_share_no_source_item_and_are_balanced():
   image_ids, voices, photos, topics = {}, {}, {}, {}
   for split in ('train', 'validation', 'test'):
     tasks = manifest['splits'][split]
-    assert set(tasks) == {'image_digit', 'speech_digit', 'same_digit',
-                          'video_digits', 'photo_caption', 'text_lm'}
+    assert set(tasks) == {'image_digit', 'speech_digit', 'same_digit', 'video_digits',
+                          'photo_caption', 'text_lm', 'draw_digit', 'draw_name'}
     img = _sample_records(split, 'image_digit')
     image_ids[split] = {int(r['meta']['source'].split('[')[1][:-1]) for r in img}
     same = _sample_records(split, 'same_digit')
     video = _sample_records(split, 'video_digits')
     image_ids[split] |= {r['meta']['image_index'] for r in same}
     image_ids[split] |= {i for r in video for i in r['meta']['image_indices']}
+    # The drawing tasks show the split's own images as targets, never another split's.
+    for task in ('draw_digit', 'draw_name'):
+      draw = _sample_records(split, task)
+      assert draw and all(r['segments'][1]['predict'] for r in draw)
+      drawn = {int(r['meta']['source'].split('[')[1][:-1]) for r in draw}
+      assert drawn <= image_ids[split], (split, task)
     speech = _sample_records(split, 'speech_digit')
     voices[split] = {r['meta']['voice'] for r in speech + same}
     photos[split] = {r['meta']['photo'] for r in _sample_records(split, 'photo_caption')}
