@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-unit test-integration bench clean
+.PHONY: setup run test test-fast test-slow test-unit test-integration bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,8 +19,15 @@ run: $(STAMP)
 	$(BIN)/python train.py configs/nano.yaml
 	$(BIN)/python eval.py configs/nano.yaml
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+# The suite in two passes: everything but the slow end-to-end runs (under
+# 10 minutes on 2 cores), then those (tests marked `slow`).
+test: test-fast test-slow
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --durations=15 -m 'not slow'
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --durations=15 -m slow
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests/unit

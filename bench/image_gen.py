@@ -1,6 +1,7 @@
 """Image generation quality of a trained run, judged by an independent classifier.
 
-    python bench/image_gen.py runs/nano [--per-digit 20] [--scales 1 2 3 5]
+    python bench/image_gen.py runs/nano [--per-digit 50] [--temperature 0.25] \
+        [--scales 1 1.5 2 2.5 3 5] [--seed 0]
 
 For every guidance scale: draws `per-digit` images of each digit 0-9 from the
 prompt "Draw the digit d." (constrained decoding, classifier-free guidance,
@@ -57,9 +58,9 @@ def draw(gen: Generator, prompts, *, scale, sampling, seed, batch=32):
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('run', help='run dir (or config YAML) of a model trained with image codes')
-  p.add_argument('--per-digit', type=int, default=20)
-  p.add_argument('--scales', type=float, nargs='+', default=[1.0, 2.0, 3.0, 5.0])
-  p.add_argument('--temperature', type=float, default=1.0)
+  p.add_argument('--per-digit', type=int, default=50)
+  p.add_argument('--scales', type=float, nargs='+', default=[1.0, 1.5, 2.0, 2.5, 3.0, 5.0])
+  p.add_argument('--temperature', type=float, default=0.25)
   p.add_argument('--top-k', type=int, default=0)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', default='bench/results/image_gen')

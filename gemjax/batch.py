@@ -21,6 +21,9 @@ patch budget of modality m and D_m its flattened patch size.
 
 | token_index      | [B, T] int32          | each token's index in its row before a ring layout |
 |                  |                       | permuted T (optional; gemjax.parallel.layouts)     |
+| target_modality  | [B, T] int8           | modality of targets[i] (of token i+1), taken before |
+|                  |                       | a layout permutes T (optional; without it the loss  |
+|                  |                       | reads modality[i+1] in array order)                 |
 
 Positions, segment ids and block ids are computed on the host and travel with
 the tokens through packing, sharding and layouts; nothing downstream derives
@@ -94,6 +97,7 @@ KEYS: dict[str, KeySpec] = {
     'targets': KeySpec(2, _I32, _PER_TOKEN, fill=None, required=True),
     'loss_weights': KeySpec(2, _F32, _PER_TOKEN, fill=0.0, required=True),
     'token_index': KeySpec(2, _I32, _PER_TOKEN),
+    'target_modality': KeySpec(2, _I8, _PER_TOKEN),
     **_patch_specs(),
 }
 

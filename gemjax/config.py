@@ -60,7 +60,8 @@ class MoEConfig:
   shared_experts: int = 0
   renormalize: bool = True
   capacity_factor: float = 1.25
-  # 'auto' (capacity on CPU, dropless on GPU/TPU) | 'capacity' | 'dropless'.
+  # 'auto' (= capacity, on every backend until dropless's real
+  # ragged_all_to_all has run on an accelerator) | 'capacity' | 'dropless'.
   # Capacity groups are per-device chunks of a row: with drops, its outputs
   # depend on mesh.context and mesh.context_layout (gemjax/model/moe.py).
   path: str = 'auto'

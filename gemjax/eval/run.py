@@ -183,8 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         g = r.get('generated_exact_match')
         gen = f'generated {g:6.1%}, ' if g is not None else ''
-        print(f"  {task:>14}: {gen}tf {r['exact_match']:6.1%}  ({r['records']} records, "
-              f"answer token accuracy {r['token_accuracy']:.1%}, loss {r['loss']:.3f})")
+        # A drawn answer is judged as an image above: an exact match of its
+        # codes under teacher forcing says nothing, its code loss does.
+        exact = '' if 'drawing' in r else f"tf {r['exact_match']:6.1%}  "
+        print(f"  {task:>14}: {gen}{exact}({r['records']} records, "
+              f"{'teacher-forced ' if 'drawing' in r else ''}answer token accuracy "
+              f"{r['token_accuracy']:.1%}, loss {r['loss']:.3f})")
     print(f"eval: loss {report['loss']:.4f}  perplexity {report['perplexity']:.2f}  "
           f"accuracy {report['accuracy']:.3f}  ({int(report['tokens'])} tokens)")
     for name in MODALITY_NAMES:

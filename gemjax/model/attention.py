@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import jax
 from flax import nnx
@@ -34,7 +34,7 @@ from gemjax.model.params import dtype, fan_in_std, param, project
 from gemjax.model.rope import apply_rope
 from gemjax.parallel import kv_cache
 from gemjax.parallel.ring_attention import ring_attention, sharded_blockwise
-from gemjax.parallel.sharding import constrain, current_mesh
+from gemjax.parallel.sharding import constrain, current_mesh, logical_to_spec
 
 
 class AttentionKernel(Protocol):
@@ -94,23 +94,74 @@ def splash_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal
                   window=0, block=DEFAULT_BLOCK, interpret: bool = False):
   """Pallas splash attention on TPU where it fits, else 'blockwise'.
 
-  Under a multi-device mesh the Pallas call is not partitioned by GSPMD, so
-  this kernel falls back to 'blockwise' there (which shards itself); a
-  shard_map wrapper is future work.
+  A Pallas call is not partitioned by GSPMD: under a multi-device mesh it
+  runs in a `shard_map`, each device on its own rows (batch axes) and heads
+  (tensor). The sequence must be whole on every device (`mesh.context` 1,
+  which config validation enforces for 'splash').
   """
   fallback = functools.partial(blockwise_kernel, kv_mask=kv_mask, causal=causal,
                                window=window, block=block)
-  mesh = current_mesh()
-  single = mesh is None or mesh.size == 1
-  if kv_mask is not None or not (single and platform.splash_static_ok(
-      q_BxTxHxK, k_BxSxGxK, causal, window, interpret)):
+  if kv_mask is not None or not platform.splash_static_ok(
+      q_BxTxHxK, k_BxSxGxK, causal, window, interpret):
     return fallback(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
-  fused = functools.partial(platform.splash_attention, causal=causal, window=window,
-                            interpret=interpret)
+  fused = _per_device(functools.partial(platform.splash_attention, causal=causal,
+                                        window=window, interpret=interpret))
   return jax.lax.cond(platform.splash_mask_ok(mask),
-                      lambda q, k, v: fused(q, k, v, mask),
+                      lambda q, k, v: fused(q, k, v, mask.segment_ids_BxT),
                       lambda q, k, v: fallback(q, k, v, mask),
                       q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
+
+
+class _Segments(NamedTuple):
+  segment_ids_BxT: jax.Array
+
+
+def _per_device(fused):
+  """fused(q, k, v, mask) as fn(q, k, v, segment_ids): run as is without a
+  mesh, else in a shard_map over the axes that split rows and heads."""
+  def run(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxT):
+    mesh = current_mesh()
+    call = lambda q, k, v, seg: fused(q, k, v, _Segments(seg))
+    if mesh is None or mesh.size == 1:
+      return call(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxT)
+    q_spec = logical_to_spec(('batch', 'length', 'act_heads', None), mesh)
+    kv_spec = logical_to_spec(('batch', 'length', 'act_kv_heads', None), mesh)
+    seg_spec = logical_to_spec(('batch', 'length'), mesh)
+    return jax.shard_map(call, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+                         out_specs=q_spec, check_vma=False)(
+                             q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxT)
+  return run
+
+
+def platform_fallback(attention: str, *, seq_len: int, head_dim: int, compute_dtype: str,
+                      backend: str | None = None) -> str | None:
+  """When the platform kernel `attention` will not run (or not always): a
+  sentence saying so and why, for the start-up log; None when it runs, or
+  for kernels that are not platform kernels."""
+  backend = backend or jax.default_backend()
+  if attention == 'splash':
+    if backend != 'tpu':
+      return (f"model.attention='splash' runs the 'blockwise' kernel here: splash is a "
+              f"TPU kernel and the backend is {backend}")
+    if seq_len % 128 or head_dim % 128:
+      return (f"model.attention='splash' runs the 'blockwise' kernel: it needs "
+              f"train.seq_len ({seq_len}) and model.head_dim ({head_dim}) to be "
+              "multiples of 128")
+    return ("model.attention='splash': rows with bidirectional blocks (image, audio, "
+            "video) or a context layout take the 'blockwise' kernel at run time; plain "
+            "and packed text rows run splash")
+  if attention == 'cudnn':
+    if backend != 'gpu':
+      return (f"model.attention='cudnn' runs the 'blockwise' kernel here: cuDNN attention "
+              f"is a GPU kernel and the backend is {backend}")
+    if compute_dtype not in ('bfloat16', 'float16', 'auto') or head_dim % 8 or head_dim > 256:
+      return (f"model.attention='cudnn' runs the 'blockwise' kernel: it needs a 16-bit "
+              f"compute dtype (model.compute_dtype={compute_dtype!r}) and model.head_dim "
+              f"a multiple of 8 up to 256 ({head_dim})")
+    return ("model.attention='cudnn': only rows holding one document with no padding, "
+            "no bidirectional block and no layout run cuDNN; packed or padded rows (every "
+            "batch of the Grain pipeline) take the 'blockwise' kernel at run time")
+  return None
 
 
 KERNELS: dict[str, AttentionKernel] = {

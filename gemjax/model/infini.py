@@ -23,7 +23,11 @@ Packed rows: memory never crosses documents. It is tagged with the segment
 id it holds; a query reads it only if its own id matches, and before a
 write the memory is cleared if the document changed. A document that starts
 mid-segment therefore sees earlier segments of itself only (exact for the
-contiguous documents the packer makes). Bidirectional blocks are honoured
+contiguous documents the packer makes). Segments are aligned to the row,
+not to each document: a document packed at offset 5 of a 128-token segment
+has a first segment of 123 tokens, so its outputs are exact per document but
+not equal to the same document alone at offset 0 (whose first memory write
+comes after 128 tokens). Bidirectional blocks are honoured
 inside a segment only. Ring layouts and context sharding do not apply: the
 scan walks the row in order.
 

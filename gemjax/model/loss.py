@@ -54,8 +54,12 @@ def cross_entropy(logits_BxTxV: jax.Array, batch: Mapping[str, jax.Array], *,
   # Correct when the target's logit is the maximum (ties count as correct; no
   # separate argmax pass over the vocabulary).
   correct_BxT = (jax.lax.stop_gradient(target_logit_BxT) >= max_BxT).astype(jnp.float32)
-  # The modality of the predicted token is that of the next position.
-  target_modality = jnp.roll(batch['modality'], -1, axis=1)
+  # The modality of the predicted token is that of the next token. Under a
+  # context layout T is permuted, so the next position in the array is not
+  # the next token: the layout hook then supplies it, fixed before permuting.
+  target_modality = batch.get('target_modality')
+  if target_modality is None:
+    target_modality = jnp.roll(batch['modality'], -1, axis=1)
   metrics = {
       'nll': nll, 'z_loss': zl, 'weight_sum': weights.sum(),
       'accuracy': (correct_BxT * weights).sum() / denom,

@@ -22,7 +22,7 @@ Like every feed-forward sublayer it returns `(y_BxTxD, aux)`:
 Padding tokens (segment id 0) are not routed: they take no expert capacity,
 and count in no loss or metric.
 
-Capacity path (`path='capacity'`, the CPU default of 'auto'): outputs depend
+Capacity path (`path='capacity'`, what 'auto' picks): outputs depend
 on how tokens are grouped, not only on the tokens. A group is a row, or with
 the sequence split over `mesh.context` each device's chunk of the row, so
 changing `mesh.context` (or `mesh.context_layout`, which changes the chunks)

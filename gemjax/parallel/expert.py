@@ -25,10 +25,14 @@ Expert parallelism: under a mesh whose `expert` axis is > 1 the work runs in a
 `jax.shard_map` over every axis that splits tokens (data, fsdp, expert,
 context). Expert e lives on expert-shard e // (E / P). The capacity path moves
 its [P, E/P, C, D] buffer with one `all_to_all` each way; the dropless path
-moves exactly the routed rows with `ragged_all_to_all` (emulated with a padded
-`all_to_all` on CPU, where XLA has no ragged kernel) into a worst-case-sized
-receive buffer, and regroups them by local expert with index arithmetic (no
-second sort). With no mesh, or where the batch does not split evenly, the same
+moves exactly the routed rows with `ragged_all_to_all` into a worst-case-sized
+receive buffer (P * N * min(k, E/P) rows for N tokens per device on P expert
+shards: 4x the N * k rows actually routed at nano-moe's 8 shards, top-2, 8
+experts), and regroups them by local expert with index arithmetic (no second
+sort). XLA:CPU has no ragged all-to-all: there it is emulated by a dense
+`all_to_all` that pads every per-peer slice to the whole operand, P times the
+traffic of the real exchange (8x on 8 emulated devices), so CPU timings of the
+dropless expert-parallel path measure the emulation, not the real kernel. With no mesh, or where the batch does not split evenly, the same
 per-device math runs on the whole batch.
 
 If the mesh also splits the expert hidden dimension over `tensor`, the expert
@@ -66,12 +70,16 @@ class ExpertFns(NamedTuple):
 
 
 def resolve_path(path: str) -> str:
-  """'auto' -> 'capacity' on CPU (ragged_dot is ~9x slower there), else 'dropless'."""
+  """'auto' -> 'capacity' on every backend.
+
+  Dropless is opt-in: on CPU its ragged_dot is ~9x slower, and its
+  expert-parallel exchange (the real `jax.lax.ragged_all_to_all`, GPU/TPU
+  only) has not been run by this project, only the CPU emulation has. 'auto'
+  will pick dropless on accelerators once that path is validated there.
+  """
   if path not in PATHS:
     raise ValueError(f'MoE path {path!r} is invalid: one of {PATHS}')
-  if path == 'auto':
-    return 'capacity' if jax.default_backend() == 'cpu' else 'dropless'
-  return path
+  return 'capacity' if path == 'auto' else path
 
 
 def expert_capacity(tokens_per_group: int, num_experts: int, top_k: int,
@@ -331,9 +339,11 @@ def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
                       recv_sizes, *, axis_name, num_shards: int, emulate: bool):
   """`jax.lax.ragged_all_to_all` (one slice per peer), or a padded emulation.
 
-  XLA:CPU has no ragged-all-to-all; the emulation pads every slice to the
-  operand length, exchanges with `all_to_all`, and scatters the rows into
-  place. Same result, P times the traffic: fine for tests, not for speed.
+  XLA:CPU has no ragged-all-to-all; the emulation pads every per-peer slice
+  to the whole operand length (M rows), exchanges [P, M] blocks with
+  `all_to_all`, and scatters the rows into place. Same result; each device
+  sends P * M rows where the real exchange sends at most M: fine for tests,
+  not for timing.
   """
   if not emulate:
     output = jax.lax.pcast(output, axis_name, to='varying')

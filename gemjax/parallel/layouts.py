@@ -62,23 +62,36 @@ def inverse_permutation(perm: np.ndarray) -> np.ndarray:
   return inv
 
 
+def target_modality(modality_BxT: np.ndarray) -> np.ndarray:
+  """int8 [B, T]: the modality of the token each position predicts
+  (modality[:, i + 1]; the last position, which has no next token, keeps its own)."""
+  m = np.asarray(modality_BxT)
+  return np.concatenate([m[:, 1:], m[:, -1:]], axis=1).astype(np.int8)
+
+
 def apply_permutation(batch: Mapping[str, np.ndarray], perm: np.ndarray) -> dict[str, np.ndarray]:
   """Permutes every per-token array of a batch along T (axis 1).
 
   Which keys move is the batch contract's (`gemjax.batch.KEYS`): per-token
   keys, logical axes ('batch', 'length', ...), are permuted (tokens,
   positions, segment_ids, block_ids, targets, loss_weights, modality,
-  token_index); keys whose values point into T (`*_slots`) get their values
+  token_index, target_modality); keys whose values point into T (`*_slots`) get their values
   mapped to the new positions (-1 padding stays -1); patches do not move. A
   key the contract lacks is an error. Adds 'token_index' [B, T] int32 with
   each token's original index (or permutes an existing one, so layouts
-  compose).
+  compose) and 'target_modality' (the modality each target has in the
+  original order, which the per-modality loss metrics need).
   """
   perm = np.asarray(perm, np.int64)
   B, T = batch['tokens'].shape
   if perm.shape != (T,):
     raise ValueError(f'layout permutation has shape {perm.shape}, expected ({T},)')
   inv = inverse_permutation(perm)
+  batch = dict(batch)
+  if 'target_modality' not in batch and 'modality' in batch:
+    # The loss groups targets by the modality of the token they predict, the
+    # next one in the ORIGINAL order: fix it now, before T is permuted.
+    batch['target_modality'] = target_modality(np.asarray(batch['modality']))
   out = {}
   for key, value in batch.items():
     value = np.asarray(value)

@@ -37,6 +37,7 @@ def test_scanned_program_size_does_not_grow_with_depth():
   assert abs(sizes[16] - sizes[2]) / sizes[2] < 0.02, sizes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch'])
 def test_remat_policies_give_the_same_loss_and_grads(policy):
   fn, params, batch = _loss_and_grads(['model.num_layers=2'])
@@ -48,6 +49,7 @@ def test_remat_policies_give_the_same_loss_and_grads(policy):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_unscanned_and_untied_variants_match_or_run():
   fn, params, batch = _loss_and_grads(['model.num_layers=2'])
   fn_u, _, _ = _loss_and_grads(['model.num_layers=2', 'model.scan_layers=false'])

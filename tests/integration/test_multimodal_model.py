@@ -91,6 +91,7 @@ def _mixed_batch(cfg, rng):
   return b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('encoder_layers', [0, 1], ids=['early_fusion', 'late_fusion'])
 def test_fusion_model_trains_a_step_on_a_mixed_batch(encoder_layers):
   cfg = load_config(None, SMALL + [f'model.encoder_layers={encoder_layers}'])
@@ -125,6 +126,7 @@ def test_fusion_model_trains_a_step_on_a_mixed_batch(encoder_layers):
   assert not np.allclose(a[:, 6:], b2[:, 6:], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_frozen_encoder_gets_no_update():
   cfg = load_config(None, SMALL + ['model.encoder_layers=1', 'model.freeze_encoder=true',
                                    'optimizer.warmup_steps=0'])

@@ -54,6 +54,7 @@ def test_too_short_length_is_a_clear_error():
     pk.make_example(40, 0.5, 1)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_table_and_heatmap(tmp_path):
   cfg = ModelConfig(vocab_size=272, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16,
                     mlp_dim=64, num_layers=1)
@@ -73,6 +74,7 @@ def test_evaluate_writes_table_and_heatmap(tmp_path):
   assert res['files'][1].endswith('.png')
 
 
+@pytest.mark.slow
 def test_train_then_eval_py_writes_the_passkey_grid(tmp_path, capsys):
   """The passkey preset through the real CLIs: train.py then eval.py."""
   from gemjax.eval import run as eval_run
@@ -119,3 +121,33 @@ def test_generated_exact_match_scores_a_known_answer_and_cuts_the_prompt_at_the_
   one_wrong = _Echo(lambda p, r: np.frombuffer(keys[r], np.uint8).astype(np.int32)
                     + (r == 1) * np.array([0, 0, 0, 0, 1]))
   assert pk_eval.generated_exact(one_wrong, batch, 200).tolist() == [True, False, True]
+
+
+def test_teacher_forced_exact_match_scores_constructed_predictions():
+  """The grid's scorer: a row counts only when every answer digit is the
+  argmax; wrong predictions outside the answer do not matter."""
+  import types
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  class Oracle(nnx.Module):
+    def __init__(self, V, wrong_row):
+      self.unused = nnx.Param(jnp.zeros(()))
+      self.V, self.wrong_row = V, wrong_row
+
+    def __call__(self, batch):
+      t, on = batch['targets'], batch['loss_weights'] > 0
+      first = jnp.cumsum(on, axis=1) == 1
+      rows = jnp.arange(t.shape[0])[:, None]
+      # Off the answer: always wrong. On it: right, except the first digit of one row.
+      pred = jnp.where(on, t, t + 1)
+      pred = jnp.where(on & first & (rows == self.wrong_row), t + 1, pred)
+      return jax.nn.one_hot(pred % self.V, self.V) * 10.0, None, None
+
+  batch = pk.passkey_batch(np.random.default_rng(3), 4, 160, digits=5)
+  for wrong_row, want in ((-1, [True] * 4), (2, [True, True, False, True])):
+    graphdef, state = nnx.split(Oracle(272, wrong_row))
+    exact, _ = pk_eval._make_forward(types.SimpleNamespace(graphdef=graphdef))(
+        state, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert np.asarray(exact).tolist() == want

@@ -113,6 +113,23 @@ def test_splash_kernel_interpreted_matches_dense_and_falls_back_for_blocks():
   np.testing.assert_allclose(direct, dense(q, k, v, ct, no_blocks)[0][1], atol=ATOL)
 
 
+def test_splash_kernel_runs_sharded_on_a_multi_device_mesh():
+  """Under a data x fsdp x tensor mesh splash runs per device in a shard_map
+  (rows and heads split), not the blockwise fallback, and matches dense."""
+  from gemjax.parallel import sharding as shd
+  q, k, v, ct, info = make_inputs(B=4, T=128, K=16)
+  info = info._replace(block_ids_BxT=jnp.zeros_like(info.block_ids_BxT))
+  kernel = functools.partial(attn.splash_kernel, block=32, interpret=True)
+  want = dense_fn(True, 9)(q, k, v, ct, info)
+  mesh = shd.make_mesh({'data': 2, 'fsdp': 2, 'expert': 1, 'context': 1, 'tensor': 2})
+  with shd.use_mesh(mesh):
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: kernel(q, k, v, info, causal=True,
+                                                      window=9))(q, k, v))
+    got = value_and_grads(kernel, True, 9)(q, k, v, ct, info)
+  assert 'shard_map' in jaxpr and 'pallas_call' in jaxpr
+  assert_same(got, want)
+
+
 def test_blockwise_inside_layer_scan_keeps_linear_memory():
   """Regression: in a scan over layers the masks are loop-invariant and scan's
   partial eval used to hoist every chunk's mask/fill out of the loop, stacked:
@@ -142,3 +159,17 @@ def test_noncausal_window_bounds_the_past_only():
   np.testing.assert_array_equal(got, i - j < W)
   np.testing.assert_array_equal(visible_mask(ones, ones, zeros, zeros, idx, idx, causal=True,
                                              window=W)[0], (i - j < W) & (j <= i))
+
+
+def test_platform_fallback_is_named_for_the_startup_log():
+  fb = functools.partial(attn.platform_fallback, seq_len=256, head_dim=128,
+                         compute_dtype='auto')
+  assert "backend is cpu" in fb('splash', backend='cpu')
+  assert "backend is cpu" in fb('cudnn', backend='cpu')
+  assert 'multiples of 128' in attn.platform_fallback('splash', seq_len=200, head_dim=128,
+                                                      compute_dtype='auto', backend='tpu')
+  assert 'bidirectional blocks' in fb('splash', backend='tpu')
+  assert 'packed or padded rows' in fb('cudnn', backend='gpu')
+  assert "compute_dtype='float32'" in attn.platform_fallback(
+      'cudnn', seq_len=256, head_dim=128, compute_dtype='float32', backend='gpu')
+  assert fb('blockwise', backend='tpu') is None and fb('ring', backend='gpu') is None

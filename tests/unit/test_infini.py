@@ -139,6 +139,22 @@ def test_infini_memory_does_not_cross_packed_documents():
   np.testing.assert_allclose(packed[:, L:], alone, atol=1e-5)
 
 
+def test_infini_document_starting_mid_segment_neither_reads_nor_leaks_memory():
+  """Doc 2 starts at token 5, inside segment 0 (segments are aligned to the
+  row): nothing of doc 1 reaches doc 2 through the memory or the local
+  softmax, and doc 2 never changes doc 1 (causal, and per document)."""
+  module = build('delta')
+  x = jax.random.normal(jax.random.key(4), (B, T, 32))
+  seg = np.ones((B, T), np.int32)
+  seg[:, 5:] = 2
+  base = run(module, x, text_info(seg))
+  doc1_changed = run(module, x.at[:, :5].add(3.0), text_info(seg))
+  np.testing.assert_array_equal(base[:, 5:], doc1_changed[:, 5:])
+  assert float(jnp.abs(base[:, :5] - doc1_changed[:, :5]).max()) > 1e-2
+  doc2_changed = run(module, x.at[:, 5:].add(3.0), text_info(seg))
+  np.testing.assert_array_equal(base[:, :5], doc2_changed[:, :5])
+
+
 def test_gate_has_own_learning_rate_and_no_weight_decay():
   params = {'w': jnp.ones((4, 4)), 'memory_gate': jnp.ones((3, 4))}   # stacked [layers, H]
   grads = jax.tree.map(jnp.ones_like, params)
