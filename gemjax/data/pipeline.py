@@ -15,7 +15,8 @@ Sharding happens on the source, before shuffling: every process owns a fixed
 same record, in any epoch. Everything is a pure function of (seed, process
 index, process count, settings), so a run restored from `get_state()` sees
 exactly the batches an uninterrupted run would (with the same `num_workers`:
-Grain splits work per worker, so the worker count is part of the order).
+Grain splits work per worker, so the worker count is part of the order, and a
+state saved with another count is refused).
 
 Bad records (a record that does not decode, or media the builder rejects with
 BadInputError): `bad_records='skip'` (default) skips and counts them and logs
@@ -281,13 +282,17 @@ class PipelineIterator(grain.DatasetIterator):
   once), bad (records skipped), dropped (examples too big for a row), tokens
   (non-padding tokens), capacity (B*T summed), bad_where (first sources).
   `get_state()` is a JSON-able dict (Grain's `CheckpointSave` stores it);
-  `set_state()` restores both the data position and the stats.
+  `set_state()` restores both the data position and the stats. The state
+  records `num_workers` (the Grain worker processes of `inner`): Grain splits
+  the data between workers, so a position is only valid for the same count,
+  and `set_state()` refuses a state saved with another.
   """
 
   def __init__(self, inner: grain.DatasetIterator, *, spec: packing.PackSpec,
-               batch_size: int, pad_final: bool, copy_batches: bool = False):
+               batch_size: int, pad_final: bool, num_workers: int = 0):
     super().__init__(inner)
-    self._copy = copy_batches
+    self._num_workers = num_workers
+    self._copy = num_workers > 0
     self._spec = spec
     self._batch_size = batch_size
     self._pad_final = pad_final
@@ -333,11 +338,36 @@ class PipelineIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return {'pipeline': self._parent.get_state(), 'stats': copy.deepcopy(self._stats)}
+    return {'pipeline': self._parent.get_state(), 'num_workers': self._num_workers,
+            'stats': copy.deepcopy(self._stats)}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
+    saved = _saved_num_workers(state)
+    if saved is not None and saved != self._num_workers:
+      # Grain fails on some of these (KeyError) and silently resumes others
+      # from the wrong place (1 -> 2 workers), so refuse them all here.
+      raise ConfigError(
+          f'the data iterator state was saved with data.num_workers={saved}, but '
+          f'this run sets data.num_workers={self._num_workers}: Grain splits the '
+          f'data between worker processes, so the saved position is only valid '
+          f'for the same count. Resume with data.num_workers={saved}, or start a '
+          f'new run directory with checkpoint.init_from=<this checkpoint> '
+          f'(parameters only: the optimizer and the data order start fresh)')
     self._parent.set_state(state['pipeline'])
     self._stats = {**_empty_stats(), **copy.deepcopy(dict(state['stats']))}
+
+
+def _saved_num_workers(state: Mapping[str, Any]) -> int | None:
+  """The worker count a `PipelineIterator` state was saved with. States saved
+  before the count was recorded: read off Grain's layout (mp_prefetch
+  interleaves one iterator per worker; in-process, the packer's own state is
+  on top); None if the layout is not recognised."""
+  if 'num_workers' in state:
+    return int(state['num_workers'])
+  inner = state['pipeline']
+  if 'iterators_in_use_states' in inner:
+    return len(inner['iterators_in_use_states'])
+  return 0 if 'window' in inner else None
 
 
 def make_train_iterator(settings: DataSettings, builder: ExampleBuilder, *,
@@ -350,7 +380,7 @@ def make_train_iterator(settings: DataSettings, builder: ExampleBuilder, *,
                      seed=seed, train=True)
   return PipelineIterator(iter(ds), spec=pack_spec(settings, builder, seq_len),
                           batch_size=batch_size, pad_final=False,
-                          copy_batches=settings.num_workers > 0)
+                          num_workers=settings.num_workers)
 
 
 def make_eval_iterator(settings: DataSettings, builder: ExampleBuilder, *,
@@ -364,7 +394,7 @@ def make_eval_iterator(settings: DataSettings, builder: ExampleBuilder, *,
                      seed=seed, train=False)
   return PipelineIterator(iter(ds), spec=pack_spec(settings, builder, seq_len),
                           batch_size=batch_size, pad_final=True,
-                          copy_batches=settings.num_workers > 0)
+                          num_workers=settings.num_workers)
 
 
 def check_batch(batch: Mapping[str, np.ndarray], settings: DataSettings, *,

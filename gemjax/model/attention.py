@@ -213,6 +213,14 @@ class AttentionSpec:
     FLOPs): `window` for a sliding-window layer, else the whole row."""
     return min(self.window, seq_len) if self.window else seq_len
 
+  def causal_keys_per_query(self, seq_len: int) -> float:
+    """Keys per query with the causal mask discounted, continuous count: a
+    row of T with band width W = keys_per_query(T) has T*W - W^2/2 visible
+    pairs (T^2/2, "half the square", for global attention). Non-causal
+    layers see their whole band."""
+    w = self.keys_per_query(seq_len)
+    return w - w * w / (2 * seq_len) if self.causal else float(w)
+
 
 class Attention(nnx.Module):
   """Pre-projected GQA: x -> q, k, v -> (QK-norm) -> RoPE -> kernel -> out."""

@@ -3,7 +3,10 @@
 Convention (PaLM, Chowdhery et al. 2022, appendix B): a training step costs
 6 FLOPs per matmul parameter per token (2 forward, 4 backward) plus the
 attention score and value matmuls, 12 * layers * heads * head_dim * T per token
-(no discount for the causal mask: that is how published MFU numbers count it).
+with no discount for the causal mask ("full"). With `causal_half=True` the
+causal mask is discounted, counting half the T x T square (T/2 keys per
+query; the convention MaxText and most recent papers report): both are
+logged (`mfu`, `mfu_causal`), and every table says which it shows.
 The input embedding lookup is a gather, not a matmul, so an untied input table
 is not counted; the output head is. For MoE only the *active* expert
 parameters count. Every number is read off a `DecoderSpec` (per block: its
@@ -26,22 +29,30 @@ def num_moe_layers(spec: DecoderSpec) -> int:
   return spec.num_groups * sum(b.is_moe for b in spec.period)
 
 
-def attention_flops_per_token(spec: DecoderSpec, seq_len: int) -> int:
+def attention_flops_per_token(spec: DecoderSpec, seq_len: int, *,
+                              causal_half: bool = False) -> float:
   """Score + value matmuls: 12 * heads * head_dim per (query, key) pair, over
   the keys each layer's spec says a query covers (`keys_per_query`): T for
   global attention, min(window, T) for a sliding-window layer, the segment
-  (min(segment_len, T), windowed if set) for Infini-attention. Infini's
-  memory read/write (K x K per head and token, independent of T) is not a
-  score matmul and is not counted, like other non-parameter matmuls."""
+  (min(segment_len, T), windowed if set) for Infini-attention. With
+  `causal_half`, causal layers count only the visible half of that band
+  (`causal_keys_per_query`). Infini's memory read/write (K x K per head and
+  token, independent of T) is not a score matmul and is not counted, like
+  other non-parameter matmuls. An int without `causal_half`."""
   per_group = 0
   for b in spec.period:
-    per_group += 12 * b.attention.score_width * b.attention.keys_per_query(seq_len)
+    keys = (b.attention.causal_keys_per_query(seq_len) if causal_half
+            else b.attention.keys_per_query(seq_len))
+    per_group += 12 * b.attention.score_width * keys
   return spec.num_groups * per_group
 
 
-def train_flops_per_token(spec: DecoderSpec, seq_len: int) -> int:
-  return 6 * matmul_params_per_token(spec) + attention_flops_per_token(spec, seq_len)
+def train_flops_per_token(spec: DecoderSpec, seq_len: int, *,
+                          causal_half: bool = False) -> float:
+  return 6 * matmul_params_per_token(spec) + attention_flops_per_token(
+      spec, seq_len, causal_half=causal_half)
 
 
-def train_flops_per_step(spec: DecoderSpec, batch_size: int, seq_len: int) -> int:
-  return train_flops_per_token(spec, seq_len) * batch_size * seq_len
+def train_flops_per_step(spec: DecoderSpec, batch_size: int, seq_len: int, *,
+                         causal_half: bool = False) -> float:
+  return train_flops_per_token(spec, seq_len, causal_half=causal_half) * batch_size * seq_len

@@ -136,6 +136,10 @@ class InfiniSpec:
     read from the memory), so a query covers at most `segment_len` keys."""
     return self.attention.keys_per_query(min(self.segment_len, seq_len))
 
+  def causal_keys_per_query(self, seq_len: int) -> float:
+    """The causal triangle is per segment: half of it, as for a row of one segment."""
+    return self.attention.causal_keys_per_query(min(self.segment_len, seq_len))
+
 
 class InfiniAttention(Attention):
   """GQA attention within segments + a gated compressive memory across them."""

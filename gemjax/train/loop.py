@@ -10,7 +10,8 @@ checkpoints every `checkpoint.every` steps.
 Failure handling: a non-finite loss/gradient skips the update (the step
 function keeps the old state), is counted and logged; after
 `train.max_nonfinite_steps` in a row the run saves and stops with exit code 3.
-SIGTERM (TPU preemption) saves a checkpoint and exits 0.
+SIGTERM (TPU preemption) saves a checkpoint and exits 0; with several
+processes, all of them at the one step JAX's preemption service agrees on.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 from gemjax import config as config_lib
 from gemjax.data import registry as data_registry
 from gemjax.errors import CheckpointError, GemjaxError
+from gemjax.model import attention as attention_lib
 from gemjax.model import flops as flops_lib
 from gemjax.parallel import layouts
 from gemjax.parallel import mesh as mesh_lib
@@ -66,18 +68,44 @@ def build_mesh(cfg) -> jax.sharding.Mesh:
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+  """Turns SIGTERM into a flag the loop checks between steps (one process).
 
-  def __init__(self):
+  With several processes no handler is installed: jax.distributed.initialize
+  started JAX's preemption service, whose own SIGTERM handler feeds Orbax's
+  `reached_preemption`; a Python handler would replace it, and the hosts would
+  never agree on a step to save.
+  """
+
+  def __init__(self, process_count: int = 1):
     self.requested = False
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    self._installed = process_count == 1
+    if self._installed:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
+    # None: the old handler was not installed from Python (JAX's, in a
+    # one-process distributed run) and cannot be put back from Python.
+    if self._installed and self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def should_save_for_preemption(local_sigterm: bool, synced: bool,
+                               process_count: int) -> bool:
+  """Whether to save and stop before the next step.
+
+  `synced` is Orbax's `reached_preemption(step)`: JAX's preemption service
+  picks one step for every process. With several processes it is the only
+  trigger: SIGTERM reaches each host at a different step, and hosts that save
+  different steps leave no complete checkpoint (or hang in Orbax's barriers).
+  One process has no one to agree with, so its own SIGTERM is enough.
+  """
+  if process_count > 1:
+    return synced
+  return local_sigterm or synced
 
 
 @dataclasses.dataclass
@@ -146,10 +174,18 @@ class Trainer:
     writer = metrics_lib.MetricWriter(t.run_dir, tensorboard=t.tensorboard, enabled=primary)
     peak, peak_src = metrics_lib.peak_flops(t.peak_flops)
     flops_step = flops_lib.train_flops_per_step(self.mdef.spec, t.batch_size, t.seq_len)
-    log.info('model: %s parameters; %.3g FLOPs/step; peak %.3g FLOP/s (%s); mesh %s',
-             f'{state_lib.param_count(self.mdef):,}', flops_step, peak, peak_src,
-             dict(self.mesh.shape))
-    preempt = Preemption()
+    flops_causal = flops_lib.train_flops_per_step(self.mdef.spec, t.batch_size, t.seq_len,
+                                                  causal_half=True)
+    log.info('model: %s parameters; %.3g FLOPs/step (%.3g counting the causal half); '
+             'peak %.3g FLOP/s (%s); mesh %s', f'{state_lib.param_count(self.mdef):,}',
+             flops_step, flops_causal, peak, peak_src, dict(self.mesh.shape))
+    m = cfg.model
+    note = attention_lib.platform_fallback(m.attention, seq_len=t.seq_len, head_dim=m.head_dim,
+                                           compute_dtype=m.compute_dtype)
+    if note:
+      log.warning('%s', note)
+    processes = jax.process_count()
+    preempt = Preemption(processes)
     bar = None
     if t.progress_bar and primary:
       from tqdm import tqdm
@@ -162,7 +198,9 @@ class Trainer:
     try:
       with shd.use_mesh(self.mesh):
         while step < t.steps:
-          if preempt.requested or self.checkpointer.reached_preemption(step):
+          # Asked every step on every process, as JAX's preemption sync needs.
+          synced = self.checkpointer.reached_preemption(step)
+          if should_save_for_preemption(preempt.requested, synced, processes):
             log.warning('preemption signal: saving step %d and exiting', step)
             self.save(step, force=True)
             self.checkpointer.wait()
@@ -192,7 +230,10 @@ class Trainer:
             summary = metrics_lib.summarize(window)
             summary.update(throughput(window, window_steps, elapsed, t.batch_size, t.seq_len))
             step_time = summary['step_time_s']
-            summary.update(mfu=flops_step / step_time / peak, nonfinite_steps=nonfinite_total)
+            # mfu: attention over the full T x T square; mfu_causal: its causal half.
+            summary.update(mfu=flops_step / step_time / peak,
+                           mfu_causal=flops_causal / step_time / peak,
+                           nonfinite_steps=nonfinite_total)
             writer.write(step, summary)
             msg = (f"step {step}: loss {summary['loss']:.4f} gnorm {summary['grad_norm']:.3f} "
                    f"lr {summary['learning_rate']:.2e} {summary['tokens_per_s']:.0f} tok/s "

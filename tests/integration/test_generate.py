@@ -228,3 +228,13 @@ def test_cli_out_writes_generated_images_and_prints_their_paths(trained_run, tmp
   np.testing.assert_array_equal(np.asarray(Image.open(out / '0-0.png')), img[..., 0])
   assert cli.main([str(trained_run), '--prompt', 'Draw.', '--guidance', '2']) == 2
   assert '--out' in capsys.readouterr().err
+
+
+def test_training_logs_mfu_over_the_full_square_and_the_causal_half(trained_run):
+  import json
+  rows = [json.loads(l) for l in open(trained_run / 'metrics.jsonl')]
+  logged = [r for r in rows if 'mfu' in r]
+  assert logged
+  for r in logged:
+    # Causal layers: the half count drops part of the attention FLOPs only.
+    assert 0 < r['mfu_causal'] < r['mfu'] < 1.5 * r['mfu_causal']

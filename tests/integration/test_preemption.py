@@ -19,6 +19,7 @@ TINY = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=4',
         'train.log_every=1', 'train.progress_bar=false', 'train.tensorboard=false']
 
 
+@pytest.mark.slow
 def test_sigterm_saves_checkpoint_and_exits_zero(tmp_path):
   run_dir = tmp_path / 'run'
   args = TINY + [f'train.run_dir={run_dir}', 'train.steps=100000', 'checkpoint.every=100000']

@@ -30,3 +30,22 @@ def test_attention_flops_global_and_sliding_window_layers():
       'model.attention=infini', 'model.infini.segment_len=16', 'model.local_layers=1',
       'model.window=8']).model)
   assert flops.attention_flops_per_token(infini_local, 64) == 12 * H * K * (8 + 16)
+
+
+def test_causal_half_counts_half_the_square_and_half_each_segment():
+  dense = decoder_spec(load_config(None, TINY).model)
+  T = 64
+  full = flops.attention_flops_per_token(dense, T)
+  assert flops.attention_flops_per_token(dense, T, causal_half=True) == full / 2
+  # Sliding window W: T*W - W^2/2 visible pairs, per query W - W^2/(2T).
+  local = decoder_spec(load_config(None, TINY + ['model.local_layers=1',
+                                                 'model.window=8']).model)
+  assert flops.attention_flops_per_token(local, T, causal_half=True) == \
+      12 * H * K * ((8 - 64 / (2 * T)) + T / 2)
+  # Infini: the triangle is per segment.
+  infini = decoder_spec(load_config(None, TINY + ['model.attention=infini',
+                                                  'model.infini.segment_len=16']).model)
+  assert flops.attention_flops_per_token(infini, T, causal_half=True) == L * 12 * H * K * 8
+  # Parameter FLOPs are not discounted.
+  assert (flops.train_flops_per_token(dense, T) - flops.train_flops_per_token(
+      dense, T, causal_half=True)) == full / 2

@@ -15,7 +15,7 @@ from gemjax import batch as batch_lib
 from gemjax.config import DatasetConfig
 from gemjax.data import packing, pipeline, records
 from gemjax.data.sequence import SequenceBuilder
-from gemjax.errors import BadInputError
+from gemjax.errors import BadInputError, ConfigError
 from gemjax.tokenizers.text import ByteTokenizer
 
 SAMPLE = os.path.join(os.path.dirname(__file__), '..', '..', 'data', 'sample')
@@ -273,6 +273,25 @@ def test_worker_processes_mix_every_dataset_and_resume_exactly(text_shards):
     _same(_take(resumed, 4), expected)
   finally:
     resumed.close()
+
+
+def test_state_from_another_worker_count_is_refused_naming_the_key(text_shards):
+  # 1 -> 2 workers: Grain itself resumes silently from the wrong position.
+  make = lambda w: pipeline.make_train_iterator(_settings(text_shards, num_workers=w),
+                                                BUILDER, seq_len=64, batch_size=2)
+  state = json.loads(json.dumps(make(1).get_state()))
+  mismatch = r'saved with data\.num_workers=1, but this run sets data\.num_workers=2'
+  with pytest.raises(ConfigError, match=mismatch):
+    make(2).set_state(state)
+  # States saved before the count was: the count is read off Grain's layout.
+  del state['num_workers']
+  with pytest.raises(ConfigError, match=mismatch):
+    make(2).set_state(state)
+  make(1).set_state(state)
+  in_process = json.loads(json.dumps(make(0).get_state()))
+  del in_process['num_workers']
+  with pytest.raises(ConfigError, match=r'data\.num_workers=0, but .* data\.num_workers=2'):
+    make(2).set_state(in_process)
 
 
 def test_two_processes_see_disjoint_records(text_shards):
