@@ -26,8 +26,9 @@ Imports jax and `gemjax.kernels.mask`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,27 @@ DEFAULT_BLOCK = 512
 # they differ from each other and from every real segment id (>= 0), so a
 # padded query sees nothing and a padded key is seen by nobody.
 _PAD_Q_SEGMENT, _PAD_KV_SEGMENT = -1, -2
+
+
+# Test hook, read at trace time: when set, the forward pass calls it on the
+# host once per (query chunk, key chunk) pair it computes (not per skipped
+# one). Set only by `count_computed_chunks`; None in every real run.
+_chunk_probe = None
+
+
+@contextlib.contextmanager
+def count_computed_chunks() -> Iterator[list[tuple[int, int]]]:
+  """Records the chunk pairs the forward pass really computes, as (smallest
+  query token index, smallest key token index) per pair, for functions traced
+  (jitted afresh) inside the block: a host callback per pair, for tests of
+  what the skipping does, never for training."""
+  global _chunk_probe
+  seen: list[tuple[int, int]] = []
+  _chunk_probe = lambda q_lo, k_lo: seen.append((int(q_lo), int(k_lo)))
+  try:
+    yield seen
+  finally:
+    _chunk_probe = None
 
 
 class MaskMeta(NamedTuple):
@@ -216,6 +238,8 @@ def fwd_chunks(q_c, q_meta: MaskMeta, k_c, v_c, kv_meta: MaskMeta, stats: Stats,
 
       def compute(carry):
         acc, m, l = carry
+        if _chunk_probe is not None:
+          jax.debug.callback(_chunk_probe, qm.index.min(), kvm.index.min())
         s = jnp.einsum('bgrqk,bgsk->bgrqs', q, k,
                        preferred_element_type=jnp.float32) * scale
         mask = mask_BxQxS[:, None, None]

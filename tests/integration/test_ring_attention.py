@@ -139,6 +139,38 @@ def test_zigzag_and_striped_balance_causal_work():
   assert all(w['pairs'].sum() == total for w in work.values())
 
 
+@pytest.mark.parametrize('layout', layouts.LAYOUTS)
+def test_ring_kernel_computes_the_chunk_pairs_the_work_model_counts(layout):
+  """Counted in the kernel itself (a host callback in every computed chunk
+  pair of the forward), per device, on one causal document laid out over 8
+  devices: equal to `layouts.block_work`, so its balance claims hold for the
+  kernel, not only for the model of it."""
+  from gemjax.kernels import flash
+  from gemjax.parallel.ring_attention import ring_attention
+  T, N, block = 256, 8, 8
+  local = T // N
+  perm = layouts.layout_permutation(T, N, layout)
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, T, 2, 8)), jnp.float32)
+  kv = jnp.asarray(rng.normal(size=(1, T, 1, 8)), jnp.float32)
+  ones = jnp.ones((1, T), jnp.int32)
+  info = SequenceInfo(jnp.zeros((1, T, 3), jnp.int32), ones, 0 * ones,
+                      jnp.asarray(perm[None], jnp.int32), jnp.zeros((1, T), jnp.int8))
+  mesh = shd.make_mesh({'data': 1, 'fsdp': 1, 'expert': 1, 'context': N, 'tensor': 1})
+  with shd.use_mesh(mesh), flash.count_computed_chunks() as seen:
+    # A fresh function: the probe is read when it is traced.
+    out = jax.jit(lambda q, k, v: ring_attention(q, k, v, info, block=block))(
+        q, kv, jnp.asarray(q[:, :, :1]))
+    jax.block_until_ready(out)
+  # Each query chunk lives on one device; its smallest original index names it.
+  device_of = {int(perm[d * local + c * block:d * local + (c + 1) * block].min()): d
+               for d in range(N) for c in range(local // block)}
+  per_device = np.bincount([device_of[q_lo] for q_lo, _ in seen], minlength=N)
+  want = layouts.block_work(T, N, layout, block)['blocks']
+  np.testing.assert_array_equal(per_device, want)
+  assert per_device.sum() == want.sum() > 0
+
+
 # ----------------------------------------------------------- whole model
 
 
