@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# libtpu (the version jax pins) in a folder of its own, for the AOT TPU
+	# compile test only: ordinary CPU runs never load the TPU runtime.
+	$(BIN)/pip install --quiet --target $(VENV)/libtpu "$$($(BIN)/python -c "import importlib.metadata as m; print([r.split(';')[0].strip() for r in m.requires('jax') if r.startswith('libtpu')][0])")"
 	touch $(STAMP)
 
 setup: $(STAMP)

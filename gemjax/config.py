@@ -96,6 +96,11 @@ class ModelConfig:
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   z_loss: float = 1e-4
+  # Tokens per chunk of the output head + loss (0 = all at once): with a
+  # large vocabulary the [batch, seq, vocab] f32 logits dominate a chip's
+  # memory; chunks compute (and recompute in the backward) one slice at a
+  # time (gemjax/model/loss.py chunked_cross_entropy). Must divide seq_len.
+  loss_chunk: int = 0
   # Attention sublayer / kernel: 'blockwise' | 'dense' | 'ring' | 'splash' |
   # 'cudnn' | ... (registry). 'blockwise' is exact, never materialises the
   # [T, S] matrix and skips fully masked chunks (causal, windows, packing).
@@ -132,7 +137,8 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
-  # Sizes of the mesh axes; exactly one may be -1 (fills the remaining devices).
+  # Sizes of the mesh axes within one slice (ICI); exactly one may be -1
+  # (fills the remaining devices of a slice).
   data: int = -1
   fsdp: int = 1
   expert: int = 1
@@ -141,8 +147,11 @@ class MeshConfig:
   # Token layout when the sequence is split over 'context' (ring attention):
   # 'zigzag' | 'striped' | 'contiguous' (gemjax/parallel/layouts.py).
   context_layout: str = 'zigzag'
-  # Data-parallel replicas across slices (DCN); 1 = a single slice.
+  # Multislice: how many slices (joined over the data-center network, DCN)
+  # the data / fsdp axis spans; the mesh axis is then mesh.data x dcn_data
+  # devices. The product of the dcn_* sizes is the number of slices; 1 = one.
   dcn_data: int = 1
+  dcn_fsdp: int = 1
   # Multi-host: call jax.distributed.initialize() before anything else.
   distributed: bool = False
   coordinator_address: str = ''
@@ -178,6 +187,9 @@ class TrainConfig:
   max_nonfinite_steps: int = 5
   # Peak FLOP/s per device for MFU; 0 = datasheet on GPU/TPU, measured on CPU.
   peak_flops: float = 0.0
+  # [start, end]: a jax.profiler trace from when `start` steps are done until
+  # `end` are, written to <run_dir>/profile; [] = off (gemjax/train/profile.py).
+  profile_steps: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -277,6 +289,14 @@ class EvalConfig:
   guidance_scale: float = 3.0
   image_temperature: float = 1.0
   image_top_k: int = 0
+  # During training: evaluate the current parameters every this many steps
+  # and at the last step (0 = off); the eval-split loss over `batches` packed
+  # batches (overall, per modality) and, on Grain data, per-task accuracy on
+  # the first `train_max_records` records of each eval dataset (0 = all).
+  # Teacher-forced only, to stay cheap; generation and drawing are eval.py's.
+  # Logged as split 'eval' to metrics.jsonl and TensorBoard (eval/...).
+  every: int = 0
+  train_max_records: int = 64
 
 
 @dataclasses.dataclass
@@ -559,6 +579,13 @@ def validate(cfg: Config) -> None:
     _fail('eval.image_temperature', e.image_temperature, '>= 0 (0 = greedy)')
   if e.image_top_k < 0:
     _fail('eval.image_top_k', e.image_top_k, '>= 0 (0 = all codes)')
+  if e.every < 0:
+    _fail('eval.every', e.every, 'a number of steps >= 0 (0 = no evaluation during training)')
+  if e.train_max_records < 0:
+    _fail('eval.train_max_records', e.train_max_records, '>= 0 (0 = every record)')
+  if e.every and e.task_batch_size <= 0:
+    _fail('eval.task_batch_size', e.task_batch_size,
+          f'must be a positive number of rows with eval.every={e.every}')
   for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads',
               'num_kv_heads', 'head_dim', 'mlp_dim'):
     if getattr(m, key) <= 0:
@@ -568,6 +595,9 @@ def validate(cfg: Config) -> None:
           f'must divide model.num_heads={m.num_heads} (grouped-query attention)')
   if m.head_dim % 2:
     _fail('model.head_dim', m.head_dim, 'must be even (rotary embeddings rotate pairs)')
+  if m.loss_chunk < 0 or (m.loss_chunk and cfg.train.seq_len % m.loss_chunk):
+    _fail('model.loss_chunk', m.loss_chunk,
+          f'0 (off) or a number of tokens dividing train.seq_len={cfg.train.seq_len}')
   if cfg.mesh.context_layout not in CONTEXT_LAYOUTS:
     _fail('mesh.context_layout', cfg.mesh.context_layout, f'one of {CONTEXT_LAYOUTS}')
   if len(m.mrope_sections) != 3 or min(m.mrope_sections) < 0 or sum(m.mrope_sections) == 0:
@@ -584,6 +614,11 @@ def validate(cfg: Config) -> None:
   for key in ('steps', 'batch_size', 'seq_len', 'log_every'):
     if getattr(t, key) <= 0:
       _fail(f'train.{key}', getattr(t, key), 'must be a positive integer')
+  p = list(t.profile_steps)
+  if p and (len(p) != 2 or not 0 <= p[0] < p[1] <= t.steps):
+    _fail('train.profile_steps', p, '[] (off) or [start, end], two step counts with '
+          f'0 <= start < end <= train.steps={t.steps} (the trace runs from when '
+          '`start` steps are done until `end` are)')
   o = cfg.optimizer
   if o.learning_rate <= 0:
     _fail('optimizer.learning_rate', o.learning_rate, 'must be > 0')

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from typing import Sequence
@@ -21,12 +20,10 @@ import jax
 import numpy as np
 
 from gemjax import config as config_lib
-from gemjax.data import registry as data_registry
 from gemjax.batch import MODALITY_NAMES
 from gemjax.errors import GemjaxError
-from gemjax.parallel import sharding as shd
 from gemjax.train import checkpoint as ckpt_lib
-from gemjax.train import state as state_lib
+from gemjax.train import evaluation
 from gemjax.train.loop import maybe_initialize_distributed, setup_logging
 from gemjax.train.restore import load_for_eval, resolve_config  # noqa: F401  (public here too)
 
@@ -34,53 +31,11 @@ log = logging.getLogger('gemjax')
 
 
 def evaluate(cfg: config_lib.Config, params=None, mesh=None, mdef=None) -> dict:
-  """Loss/perplexity over `eval.batches` batches of the eval split."""
+  """Loss/perplexity over `eval.batches` batches of the eval split
+  (gemjax/train/evaluation.py, shared with evaluation during training)."""
   if params is None:
     params, mdef, mesh = load_for_eval(cfg)
-  it = data_registry.make_iterator(cfg, 'eval', jax.process_index(), jax.process_count())
-  eval_fn = None
-  totals: dict[str, float] = {}
-  aux_sums: dict[str, np.ndarray] = {}
-  n_batches = 0
-  with shd.use_mesh(mesh):
-    for _ in range(cfg.eval.batches):
-      try:
-        batch = next(it)
-      except StopIteration:   # a finite eval split ended early
-        break
-      if eval_fn is None:
-        bshards = state_lib.batch_shardings(mesh, {k: v.ndim for k, v in batch.items()})
-        eval_fn = jax.jit(state_lib.make_eval_step(mdef, cfg.model))
-      m = jax.device_get(eval_fn(params, state_lib.to_global(batch, bshards)))
-      n_batches += 1
-      for k, v in m.items():
-        if k.startswith('aux/moe_load'):
-          aux_sums[k] = aux_sums.get(k, 0) + np.asarray(v)
-      w = float(m['weight_sum'])
-      totals['nll_sum'] = totals.get('nll_sum', 0.0) + float(m['nll']) * w
-      totals['correct_sum'] = totals.get('correct_sum', 0.0) + float(m['accuracy']) * w
-      totals['weight_sum'] = totals.get('weight_sum', 0.0) + w
-      for name in MODALITY_NAMES:
-        for k in ('nll_sum', 'correct_sum', 'weight_sum'):
-          key = f'{k}/{name}'
-          totals[key] = totals.get(key, 0.0) + float(m[key])
-  if not n_batches:
-    raise GemjaxError('the evaluation split produced no batches')
-  report = {'tokens': totals['weight_sum']}
-  nll = totals['nll_sum'] / max(totals['weight_sum'], 1e-9)
-  report.update(loss=nll, perplexity=math.exp(min(nll, 50)),
-                accuracy=totals['correct_sum'] / max(totals['weight_sum'], 1e-9))
-  for name in MODALITY_NAMES:
-    w = totals[f'weight_sum/{name}']
-    if w > 0:
-      l = totals[f'nll_sum/{name}'] / w
-      report[f'{name}/loss'] = l
-      report[f'{name}/perplexity'] = math.exp(min(l, 50))
-      report[f'{name}/accuracy'] = totals[f'correct_sum/{name}'] / w
-      report[f'{name}/tokens'] = w
-  if aux_sums:
-    report['_aux'] = {k: v / n_batches for k, v in aux_sums.items()}
-  return report
+  return evaluation.LossEval(cfg, mdef, mesh)(params)
 
 
 def write_report(report: dict, out_dir: str, title: str) -> None:

@@ -9,56 +9,23 @@ teacher forcing (every answer token is the argmax given the correct prefix).
 In exact arithmetic the two agree; they are reported side by side, with the
 loss and token accuracy of the answer.
 
-Imports the model/train rooms for the forward pass and matplotlib for plots.
+The teacher-forced scoring is train's (gemjax/train/evaluation.py, shared
+with evaluation during training); generation comes from inference/.
+Imports matplotlib for plots.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 from typing import Any, Iterable, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from gemjax.data import records as records_lib
 from gemjax.batch import MODALITY_NAMES, patch_budgets
 from gemjax.errors import BadInputError
-from gemjax.parallel import sharding as shd
-from gemjax.train import state as state_lib
-
-
-def iter_records(path: str, kind: str = 'auto') -> Iterable[tuple[str, dict]]:
-  """(where, record) for every record of a dataset, in order."""
-  from gemjax.data import sources
-  src = sources.open_source(kind, path)
-  for i in range(len(src)):
-    item = src[i]
-    where = item.get('where', f'{path}:{i}')
-    if 'error' in item:
-      yield where, None
-      continue
-    rec = item['record']
-    if isinstance(rec, (bytes, bytearray, memoryview)):
-      rec = records_lib.decode_record(bytes(rec), where)
-    yield where, rec
-
-
-def _answer_stats(logits_BxTxV, batch):
-  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-  w = batch['loss_weights'] > 0
-  nll = -jnp.take_along_axis(logp, batch['targets'][..., None], axis=-1)[..., 0]
-  correct = jnp.argmax(logits_BxTxV, axis=-1) == batch['targets']
-  n = w.sum(axis=1)
-  return {
-      'nll_sum': jnp.where(w, nll, 0.0).sum(axis=1),
-      'correct_sum': jnp.where(w, correct, False).sum(axis=1),
-      'answer_tokens': n,
-      'exact': jnp.all(correct | ~w, axis=1) & (n > 0),
-  }
+from gemjax.train import evaluation
+from gemjax.train.evaluation import iter_records  # noqa: F401  (public here too)
 
 
 def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
@@ -92,34 +59,15 @@ def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
         sampling=sampling, batch_size=batch_size, seed=cfg.train.seed,
         classifier=default_classifier())
   gen_pending: list[tuple[str, dict, np.ndarray]] = []
-  budgets = patch_budgets(cfg.data)
-  T = cfg.train.seq_len
-
-  def forward(p, b):
-    logits, _, _ = nnx.merge(mdef.graphdef, p)(b)
-    return _answer_stats(logits, b)
-
-  fwd = jax.jit(forward)
-  acc: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  scorer = evaluation.TaskScorer(builder, mdef, mesh, seq_len=cfg.train.seq_len,
+                                 budgets=patch_budgets(cfg.data), batch_size=batch_size)
+  acc = scorer.counts
   pending: list[tuple[str, dict]] = []
 
   def flush():
-    if not pending:
-      return
-    examples = [ex for _, ex in pending]
-    while len(examples) < batch_size:     # static shapes: pad with a copy, ignored
-      examples.append(examples[0])
-    batch = builder.collate(examples, T, budgets, truncate=True)
-    with shd.use_mesh(mesh):
-      stats = jax.device_get(fwd(params, batch))
-    for i, (task, _) in enumerate(pending):
-      c = acc[task]
-      c['records'] += 1
-      c['exact'] += int(stats['exact'][i])
-      c['correct'] += int(stats['correct_sum'][i])
-      c['answer_tokens'] += int(stats['answer_tokens'][i])
-      c['nll'] += float(stats['nll_sum'][i])
-    pending.clear()
+    if pending:
+      scorer.score(params, [t for t, _ in pending], scorer.collate([ex for _, ex in pending]))
+      pending.clear()
 
   def gen_flush():
     if not gen_pending:
@@ -153,34 +101,24 @@ def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
     if len(gen_pending) == batch_size:
       gen_flush()
 
-  for spec in datasets:
-    count = 0
-    for where, rec in iter_records(spec.path, spec.kind):
-      if max_records and count >= max_records:
-        break
-      count += 1
-      task = (rec or {}).get('task') or os.path.basename(spec.path).split('-')[0]
-      try:
-        if rec is None:
-          raise BadInputError('record', where, 'unreadable record')
-        ex = builder.build(rec, source=where)
-      except BadInputError:
-        acc[task]['bad'] += 1
-        continue
-      pending.append((task, ex))
-      if len(pending) == batch_size:
-        flush()
-      if gen is not None:
-        gen_item(task, rec, ex, where)
+  for task, where, rec in evaluation.iter_task_records(datasets, max_records):
+    try:
+      if rec is None:
+        raise BadInputError('record', where, 'unreadable record')
+      ex = builder.build(rec, source=where)
+    except BadInputError:
+      scorer.bad(task)
+      continue
+    pending.append((task, ex))
+    if len(pending) == batch_size:
+      flush()
+    if gen is not None:
+      gen_item(task, rec, ex, where)
   flush()
   if gen is not None:
     gen_flush()
-  out = {}
-  for task, c in sorted(acc.items()):
-    n, toks = max(c['records'], 1), max(c['answer_tokens'], 1)
-    out[task] = {'records': c['records'], 'bad': c['bad'],
-                 'exact_match': c['exact'] / n, 'token_accuracy': c['correct'] / toks,
-                 'loss': c['nll'] / toks}
+  out = scorer.results()
+  for task, c in acc.items():
     if c['gen_records']:
       out[task]['generated_records'] = c['gen_records']
       out[task]['generated_exact_match'] = c['gen_exact'] / c['gen_records']
@@ -206,27 +144,79 @@ def read_metrics(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _by_step(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of `key` in order of step; a step logged twice (a
+  resumed run replays steps) keeps its last value; non-finite values (logged
+  as strings) are left out."""
+  last = {r['step']: r[key] for r in rows if isinstance(r.get(key), (int, float))}
+  steps = sorted(last)
+  return steps, [float(last[s]) for s in steps]
+
+
+def loss_series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+  """The loss curves of a run's metrics.jsonl rows, by label: 'train' (the
+  total) and 'train <modality>' from the training rows, and 'eval' and
+  'eval <modality>' from the evaluations during training (`eval.every`,
+  split 'eval'), when there are any. Every curve is the cross-entropy: the
+  training total is its `nll` (without z-loss and MoE losses, like the eval
+  loss) where logged."""
+  out = {}
+  for split in ('train', 'eval'):
+    part = [r for r in rows if r.get('split') == split]
+    total = 'nll' if split == 'train' and any('nll' in r for r in part) else 'loss'
+    for key, label in [(total, split)] + [(f'loss/{m}', f'{split} {m}') for m in MODALITY_NAMES]:
+      steps, values = _by_step(part, key)
+      if steps:
+        out[label] = (steps, values)
+  return out
+
+
+def eval_task_series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+  """task -> (steps, teacher-forced exact match) from the evaluations during
+  training (split 'eval', keys '<task>/exact_match')."""
+  part = [r for r in rows if r.get('split') == 'eval']
+  tasks = sorted({k[:-len('/exact_match')] for r in part for k in r
+                  if k.endswith('/exact_match')})
+  return {t: _by_step(part, f'{t}/exact_match') for t in tasks}
+
+
 def plot_loss_curves(rows: list[dict], out_png: str) -> bool:
-  """Training loss overall and per predicted modality, one PNG."""
-  rows = [r for r in rows if r.get('split') == 'train']
-  if not rows:
+  """Training loss overall and per predicted modality, with the eval-split
+  loss (dashed, markers) of the evaluations during training next to it, and,
+  when those scored tasks, a second panel of their teacher-forced exact
+  match. One PNG; False (nothing drawn) without training rows."""
+  series = loss_series(rows)
+  if 'train' not in series:
     return False
+  tasks = eval_task_series(rows)
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-  steps = [r['step'] for r in rows]
-  ax.plot(steps, [r['loss'] for r in rows], label='total', color='black')
-  for name in MODALITY_NAMES:
-    key = f'loss/{name}'
-    pts = [(r['step'], r[key]) for r in rows if isinstance(r.get(key), float)]
-    if pts:
-      ax.plot(*zip(*pts), label=name)
+  fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(11 if tasks else 6, 3.5), dpi=120,
+                           squeeze=False)
+  ax = axes[0, 0]
+  colors = {'': 'black'}
+  colors.update({m: f'C{i}' for i, m in enumerate(MODALITY_NAMES)})
+  for label, (steps, values) in series.items():
+    split, _, name = label.partition(' ')
+    style = dict(color=colors[name], label=f'{split} {name or "total"}')
+    if split == 'eval':
+      style.update(linestyle='--', marker='o', markersize=3)
+    ax.plot(steps, values, **style)
   ax.set_xlabel('step')
   ax.set_ylabel('loss (nats / token)')
   ax.set_yscale('log')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7)
+  if tasks:
+    ax = axes[0, 1]
+    for task, (steps, values) in tasks.items():
+      ax.plot(steps, values, marker='o', markersize=3, label=task)
+    ax.set_xlabel('step')
+    ax.set_ylabel('exact match (eval, teacher-forced)')
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(out_png)
   plt.close(fig)
@@ -268,13 +258,16 @@ def write_task_report(out_dir: str, title: str, overall: Mapping[str, Any],
                   f"![{task}]({os.path.basename(r['drawing_grid'])})"]
   lines += ['', '## Loss by predicted modality (packed evaluation batches)', '',
             '| modality | loss | perplexity | accuracy | tokens |', '|---|---|---|---|---|']
-  for name in MODALITY_NAMES:
-    if f'{name}/loss' in overall:
-      lines.append(f"| {name} | {overall[f'{name}/loss']:.4f} | "
-                   f"{overall[f'{name}/perplexity']:.2f} | {overall[f'{name}/accuracy']:.1%} | "
-                   f"{int(overall[f'{name}/tokens'])} |")
-  lines.append(f"| all | {overall['loss']:.4f} | {overall['perplexity']:.2f} | "
-               f"{overall['accuracy']:.1%} | {int(overall['tokens'])} |")
+  present = [name for name in MODALITY_NAMES if f'{name}/loss' in overall]
+  for name in present:
+    lines.append(f"| {name} | {overall[f'{name}/loss']:.4f} | "
+                 f"{overall[f'{name}/perplexity']:.2f} | {overall[f'{name}/accuracy']:.1%} | "
+                 f"{int(overall[f'{name}/tokens'])} |")
+  # The total row only adds something over several modalities: with one it
+  # repeats that modality's row.
+  if len(present) != 1:
+    lines.append(f"| all | {overall['loss']:.4f} | {overall['perplexity']:.2f} | "
+                 f"{overall['accuracy']:.1%} | {int(overall['tokens'])} |")
   for p in plots:
     lines += ['', f'![{os.path.basename(p)}]({os.path.basename(p)})']
   path = os.path.join(out_dir, 'report.md')

@@ -1,6 +1,8 @@
 """The mesh a config asks for on a given number of devices, checked.
 
-`resolve_mesh_shape` fills the one -1 axis of `mesh.*` from the device count;
+`resolve_mesh_shape` fills the one -1 axis of `mesh.*` (sizes within one
+slice) from the device count; `dcn_shape` says how many slices, joined over
+the data-center network, each axis spans (`mesh.dcn_data`, `mesh.dcn_fsdp`);
 `validate_mesh` adds the checks that need the resolved sizes: every model
 width divisible by the mesh axes `LOGICAL_AXIS_RULES` splits it over (heads,
 KV heads, MLP/expert hidden, vocabulary, model width, experts), batch and
@@ -16,6 +18,7 @@ check an intended pod-sized mesh on a laptop.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -32,28 +35,53 @@ def _fmt(sizes: dict[str, int]) -> str:
   return ', '.join(f'{k}={v}' for k, v in sizes.items())
 
 
+# The `mesh.dcn_<axis>` keys MeshConfig has: how many slices (joined over
+# the data-center network) that mesh axis spans. Axes without a key span one.
+DCN_KEYS = tuple(f'dcn_{a}' for a in MESH_AXES
+                 if f'dcn_{a}' in {f.name for f in dataclasses.fields(MeshConfig)})
+
+
+def dcn_shape(mesh_cfg: MeshConfig) -> dict[str, int]:
+  """Slices each mesh axis spans over DCN (`mesh.dcn_<axis>`; 1 without a key)."""
+  return {a: getattr(mesh_cfg, f'dcn_{a}', 1) for a in MESH_AXES}
+
+
+def total_shape(ici: dict[str, int], dcn: dict[str, int]) -> dict[str, int]:
+  """The mesh's axis sizes: the per-slice (ICI) size times the slices (DCN)."""
+  return {a: ici[a] * dcn.get(a, 1) for a in MESH_AXES}
+
+
 def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-  """Axis sizes with the single -1 filled; errors name the axes and the count."""
+  """Per-slice (ICI) axis sizes with the single -1 filled; errors name the
+  axes and the device count. `mesh.<axis>` is the size within one slice; the
+  whole mesh axis is that times `mesh.dcn_<axis>` (see `total_shape`)."""
   sizes = {a: getattr(mesh_cfg, a) for a in MESH_AXES}
   fill = [a for a, s in sizes.items() if s == -1]
   for a, s in sizes.items():
     if s == 0 or s < -1:
       _fail(f'mesh.{a}', s, 'axis sizes are positive, or -1 for "the rest"')
+  dcn = dcn_shape(mesh_cfg)
+  for key in DCN_KEYS:
+    if getattr(mesh_cfg, key) < 1:
+      _fail(f'mesh.{key}', getattr(mesh_cfg, key),
+            'the number of slices (joined over DCN) the axis spans: a positive '
+            'integer, 1 = within one slice')
   if len(fill) > 1:
     raise ConfigError(f'mesh: only one axis may be -1, got {fill}')
-  fixed = math.prod(s for s in sizes.values() if s != -1) * mesh_cfg.dcn_data
+  slices = math.prod(dcn.values())
+  dcn_note = '' if slices == 1 else ' x ' + _fmt({f'dcn_{a}': n for a, n in dcn.items() if n > 1})
+  fixed = math.prod(s for s in sizes.values() if s != -1) * slices
   if fill:
     if num_devices % fixed:
       raise ConfigError(
-          f'mesh: the fixed axes {_fmt(sizes)} x dcn_data={mesh_cfg.dcn_data} '
-          f'(product {fixed}) do not divide the {num_devices} devices, so '
-          f'mesh.{fill[0]}=-1 cannot be filled')
+          f'mesh: the fixed axes {_fmt(sizes)}{dcn_note} (product {fixed}) do not '
+          f'divide the {num_devices} devices, so mesh.{fill[0]}=-1 cannot be filled')
     sizes[fill[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise ConfigError(
-        f'mesh: the product of the axes {_fmt(sizes)} x dcn_data='
-        f'{mesh_cfg.dcn_data} is {fixed}, but there are {num_devices} devices; '
-        'make the product equal the device count or set one axis to -1')
+        f'mesh: the product of the axes {_fmt(sizes)}{dcn_note} is {fixed}, but there '
+        f'are {num_devices} devices; make the product equal the device count or set '
+        'one axis to -1')
   return sizes
 
 
@@ -91,17 +119,22 @@ def _value(cfg: Config, key: str) -> Any:
   return node
 
 
-def _split_over(logical: str, sizes: dict[str, int]) -> tuple[str, int]:
-  """('mesh.tensor', 4) or ('mesh.data*fsdp', 4): what a logical name splits over."""
+def _split_over(logical: str, sizes: dict[str, int],
+                dcn: dict[str, int] | None = None) -> tuple[str, int]:
+  """('mesh.tensor', 4) or ('mesh.data*fsdp', 4): what a logical name splits
+  over; an axis that spans slices reads 'fsdp*dcn_fsdp'."""
   target = LOGICAL_AXIS_RULES.get(logical)
   axes = (target,) if isinstance(target, str) else tuple(target or ())
   axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
-  return 'mesh.' + '*'.join(axes), axis_size(sizes, axes)
+  dcn = dcn or {}
+  names = [a if dcn.get(a, 1) == 1 else f'{a}*dcn_{a}' for a in axes]
+  return 'mesh.' + '*'.join(names), axis_size(sizes, axes)
 
 
-def _check_splits(cfg: Config, sizes: dict[str, int]) -> None:
+def _check_splits(cfg: Config, sizes: dict[str, int], dcn: dict[str, int]) -> None:
   """Every split width divisible by the devices it is split over (else init
-  would fail deep inside jax with an IndivisibleError)."""
+  would fail deep inside jax with an IndivisibleError); `sizes` are the whole
+  mesh's (ICI x DCN)."""
   m = cfg.model
   widths = list(SPLIT_WIDTHS)
   if m.moe.num_experts:
@@ -110,7 +143,7 @@ def _check_splits(cfg: Config, sizes: dict[str, int]) -> None:
     value = _value(cfg, key)
     if key == 'model.moe.expert_dim' and value == 0:
       continue   # 0 = model.mlp_dim, checked above
-    where, n = _split_over(logical, sizes)
+    where, n = _split_over(logical, sizes, dcn)
     if n > 1 and value % n:
       _fail(key, value, f'must be divisible by {where}={n} ({logical!r} is split over it)')
 
@@ -144,12 +177,17 @@ def _check_context(cfg: Config, sizes: dict[str, int]) -> None:
 
 
 def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
-  """The resolved axis sizes, after checking every split they imply."""
+  """The resolved per-slice (ICI) axis sizes, after checking every split that
+  the whole mesh (ICI x `dcn_shape`) implies."""
   sizes = resolve_mesh_shape(cfg.mesh, num_devices)
-  _check_splits(cfg, sizes)
-  batch_shards = sizes['data'] * sizes['fsdp'] * sizes['expert'] * cfg.mesh.dcn_data
+  dcn = dcn_shape(cfg.mesh)
+  total = total_shape(sizes, dcn)
+  _check_splits(cfg, total, dcn)
+  batch_shards = total['data'] * total['fsdp'] * total['expert']
   if cfg.train.batch_size % batch_shards:
+    where, _ = _split_over('batch', total, dcn)
     _fail('train.batch_size', cfg.train.batch_size,
-          f'must be divisible by the batch shards data*fsdp*expert*dcn_data={batch_shards}')
-  _check_context(cfg, sizes)
+          f'must be divisible by the batch shards data*fsdp*expert={batch_shards} '
+          f'({where} over the whole mesh)')
+  _check_context(cfg, total)
   return sizes

@@ -7,6 +7,11 @@ returns parameter counts and per-device bytes. Nothing is allocated, so a
 1-trillion-parameter preset checks in seconds on a laptop.
 
     python -m gemjax.train.aot configs/pro.yaml     # uses the preset's mesh
+    python -m gemjax.train.aot configs/flash.yaml --topology v5p:4x4x4   # real compile
+
+With `--topology`, the step is compiled for real for that TPU slice
+(`gemjax.train.tpu_compile`, needs libtpu) and its per-chip memory is
+compared with the chip's HBM.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ def abstract_check(cfg: config_lib.Config, mesh_sizes: dict[str, int]) -> dict:
   sizes = {a: 1 for a in shd.MESH_AXES} | dict(mesh_sizes)
   num_devices = math.prod(sizes.values())
   config_lib.validate(cfg)
-  intended = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn_data=1, **sizes))
+  one_slice = dict.fromkeys(mesh_lib.DCN_KEYS, 1)   # `sizes` are the whole mesh's
+  intended = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **one_slice, **sizes))
   mesh_lib.validate_mesh(intended, num_devices)
   mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in shd.MESH_AXES), shd.MESH_AXES,
                                    axis_types=(jax.sharding.AxisType.Auto,) * 5)
@@ -88,10 +94,46 @@ def abstract_check(cfg: config_lib.Config, mesh_sizes: dict[str, int]) -> dict:
   }
 
 
+EXIT_DOES_NOT_FIT = 3
+
+
 def main(argv=None) -> int:
+  """python -m gemjax.train.aot CONFIG [--topology v5p:4x4x4 [--hbm-gib G]] [key=value ...]
+
+  Without --topology: the abstract check (shapes, shardings, per-device
+  state). With it: a real compile of the train step for that TPU topology
+  (gemjax.train.tpu_compile; needs libtpu), per-chip memory vs HBM; exit
+  code 3 when the step does not fit (--hbm-gib overrides the chip's HBM,
+  e.g. to demand headroom).
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
+  topology, hbm_gib = None, None
+  for flag in ('--topology', '--hbm-gib'):
+    if flag in argv:
+      i = argv.index(flag)
+      if i + 1 >= len(argv):
+        raise ConfigError(f'{flag} needs a value')
+      value = argv.pop(i + 1)
+      argv.pop(i)
+      if flag == '--topology':
+        topology = value
+      else:
+        hbm_gib = float(value)
   path = argv.pop(0)
   cfg = config_lib.load_config(path, argv)
+  if topology:
+    from gemjax.train import tpu_compile
+    r = tpu_compile.compile_for_topology(cfg, topology)
+    if hbm_gib is not None:
+      r['hbm_bytes'] = hbm_gib * 2**30
+    print(tpu_compile.format_report(path, r))
+    if not tpu_compile.fits(r):
+      print(f"{path}: the train step needs {r['peak_bytes'] / 2**30:.2f} GiB per chip, more "
+            f"than the {r['hbm_bytes'] / 2**30:.2f} GiB of HBM: lower train.batch_size per "
+            'chip, set model.remat, model.loss_chunk (large vocabularies) or use more chips',
+            file=sys.stderr)
+      return EXIT_DOES_NOT_FIT
+    return 0
   sizes = {a: getattr(cfg.mesh, a) for a in shd.MESH_AXES}
   if -1 in sizes.values():
     raise ConfigError(f'{path}: the intended mesh must be explicit (no -1) for an abstract check')

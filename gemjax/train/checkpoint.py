@@ -8,12 +8,13 @@ A checkpoint step directory holds three items:
 Restoring takes an *abstract* target whose shardings come from the current
 mesh, so a run saved on one mesh restores onto another. Every failure names the
 path and what did not match; nothing falls back to a fresh start silently.
+Directories may be gs:// URLs: Orbax writes there itself (`gemjax.train.storage`
+only checks that a library for the scheme is installed).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import grain
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from gemjax.errors import CheckpointError
+from gemjax.train import storage
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,6 @@ def check_shapes(saved: Any, expected: Any, where: str) -> None:
           f'in the checkpoint but the model expects {tuple(exp.shape)}')
 
 
-def _absolute(path: str) -> str:
-  """Local paths made absolute; gs:// and other URLs left as they are."""
-  return str(path) if '://' in str(path) else os.path.abspath(path)
-
-
 def _partial_dirs(directory: epath.Path) -> list[str]:
   if not directory.exists():
     return []
@@ -75,7 +72,8 @@ class Checkpointer:
   """The run's CheckpointManager plus the checks and errors around it."""
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
-    self.directory = epath.Path(_absolute(directory))
+    # gs://... goes to Orbax as a URL (never a local folder named 'gs:').
+    self.directory = storage.run_path(directory)
     self.every = every
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep, create=True,
@@ -172,7 +170,7 @@ def _restore_args(abstract: Any) -> Any:
 
 def resolve_step_dir(path: str) -> epath.Path:
   """`path` is a run directory (newest step is taken) or one step directory."""
-  p = epath.Path(_absolute(path))
+  p = storage.run_path(path)
   if not p.exists():
     raise CheckpointError(f'checkpoint path {path!r} does not exist')
   if (p / 'state').exists():

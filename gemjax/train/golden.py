@@ -61,12 +61,12 @@ def golden_path(name: str) -> str:
 def intended_mesh(cfg: config_lib.Config) -> jax.sharding.AbstractMesh:
   """The preset's mesh, abstract; a -1 axis fills `FILL_DEVICES` devices."""
   sizes = {a: getattr(cfg.mesh, a) for a in axes.MESH_AXES}
+  dcn = mesh_lib.dcn_shape(cfg.mesh)
   if -1 in sizes.values():
     num_devices = FILL_DEVICES
   else:
-    num_devices = math.prod(sizes.values()) * cfg.mesh.dcn_data
-  sizes = mesh_lib.resolve_mesh_shape(cfg.mesh, num_devices)
-  sizes[axes.MESH_AXES[0]] *= cfg.mesh.dcn_data   # as make_mesh lays it out
+    num_devices = math.prod(sizes.values()) * math.prod(dcn.values())
+  sizes = mesh_lib.total_shape(mesh_lib.resolve_mesh_shape(cfg.mesh, num_devices), dcn)
   return jax.sharding.AbstractMesh(
       tuple(sizes[a] for a in axes.MESH_AXES), axes.MESH_AXES,
       axis_types=(jax.sharding.AxisType.Auto,) * len(axes.MESH_AXES))

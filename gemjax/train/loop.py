@@ -5,7 +5,10 @@ Start-up: config + validation -> (multi-host init) -> mesh -> model/optimizer
 fine-tuning, or a fresh init. Then: steps with a progress bar, metrics every
 `log_every` steps (loss, grad norm, LR, tokens/s, step time, MFU) to the
 console, JSONL and TensorBoard (tokens/s counts real tokens, not padding),
-checkpoints every `checkpoint.every` steps.
+checkpoints every `checkpoint.every` steps, and with `eval.every` the eval-split
+loss and teacher-forced task accuracy (gemjax/train/evaluation.py).
+`train.run_dir` may be a gs:// bucket (gemjax/train/storage.py);
+`train.profile_steps` traces a few steps (gemjax/train/profile.py).
 
 Failure handling: a non-finite loss/gradient skips the update (the step
 function keeps the old state), is counted and logged; after
@@ -37,7 +40,9 @@ from gemjax.parallel import layouts
 from gemjax.parallel import mesh as mesh_lib
 from gemjax.parallel import sharding as shd
 from gemjax.train import checkpoint as ckpt_lib
+from gemjax.train import evaluation as eval_lib
 from gemjax.train import metrics as metrics_lib
+from gemjax.train import profile as profile_lib
 from gemjax.train import state as state_lib
 
 log = logging.getLogger('gemjax')
@@ -62,9 +67,10 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
 
 
 def build_mesh(cfg) -> jax.sharding.Mesh:
+  """The run's mesh on all devices: per-slice sizes from `mesh.*`, slices
+  from `mesh.dcn_*` (topology-aware, see `sharding.make_mesh`)."""
   sizes = mesh_lib.validate_mesh(cfg, jax.device_count())
-  return shd.make_mesh(sizes, dcn_data=cfg.mesh.dcn_data) if cfg.mesh.dcn_data > 1 \
-      else shd.make_mesh(sizes, devices=jax.devices())
+  return shd.make_mesh(sizes, dcn=mesh_lib.dcn_shape(cfg.mesh))
 
 
 class Preemption:
@@ -186,6 +192,7 @@ class Trainer:
       log.warning('%s', note)
     processes = jax.process_count()
     preempt = Preemption(processes)
+    profiler = profile_lib.StepProfiler(t.run_dir, t.profile_steps)
     bar = None
     if t.progress_bar and primary:
       from tqdm import tqdm
@@ -193,6 +200,7 @@ class Trainer:
     nonfinite_run, nonfinite_total = 0, 0
     pending = None   # (step, metrics) of the last dispatched step
     window_t0, window_steps, window_sum = time.perf_counter(), 0, None
+    evaluator = eval_lib.TrainingEval(cfg, self.mdef, self.mesh) if cfg.eval.every else None
     exit_code = 0
     step = self.start_step
     try:
@@ -205,10 +213,12 @@ class Trainer:
             self.save(step, force=True)
             self.checkpointer.wait()
             break
+          profiler.before_step(step)
           batch = self._lay_out(next(self.data_iter))
           step_fn = self._jitted(batch)
           self.state, metrics = step_fn(self.state, state_lib.to_global(batch, self.batch_shards))
           step += 1
+          profiler.after_step(step, (self.state, metrics))
           window_steps += 1
           # Read the previous step's flags while this one runs (no pipeline stall).
           if pending is not None:
@@ -243,6 +253,8 @@ class Trainer:
             else:
               log.info(msg)
             window_t0, window_steps, window_sum = time.perf_counter(), 0, None
+          if evaluator is not None and (step % cfg.eval.every == 0 or step == t.steps):
+            window_t0 += self._evaluate(evaluator, step, writer, bar)   # not training time
         if pending is not None and exit_code == 0:
           nonfinite_run, nonfinite_total, stop = self._check_finite(
               pending, nonfinite_run, nonfinite_total)
@@ -255,10 +267,24 @@ class Trainer:
       if bar is not None:
         bar.close()
       writer.close()
+      profiler.stop(self.state, step)   # a run that ended inside the window
     if exit_code == EXIT_NONFINITE:
       log.error('stopped after %d non-finite steps in a row (checkpoint saved at step %d)',
                 nonfinite_run, step)
     return exit_code
+
+  def _evaluate(self, evaluator, step: int, writer, bar) -> float:
+    """`eval.every`: evaluates the current parameters (read only: the
+    training trajectory does not change), logs split 'eval'; returns seconds."""
+    t0 = time.perf_counter()
+    scalars = evaluator(self.state['params'])
+    writer.write(step, scalars, prefix='eval')
+    msg = eval_lib.format_eval_line(step, scalars)
+    if bar is not None:
+      bar.write(msg)
+    else:
+      log.info(msg)
+    return time.perf_counter() - t0
 
   def _check_finite(self, pending, run: int, total: int):
     step, metrics = pending

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemjax.train import storage
+
 # Dense bf16 peak FLOP/s per chip from vendor datasheets.
 DATASHEET_PEAK = {
     'TPU v4': 275e12,
@@ -60,19 +62,26 @@ def peak_flops(override: float = 0.0) -> tuple[float, str]:
 
 
 class MetricWriter:
-  """JSONL always; TensorBoard event files when enabled (primary process only)."""
+  """JSONL always; TensorBoard event files when enabled (primary process only).
 
-  def __init__(self, run_dir: str, *, tensorboard: bool = True, enabled: bool = True):
+  `run_dir` may be a bucket URL (gs://...): both files are then written to a
+  local staging folder and copied to it (see `gemjax.train.storage`) at the
+  first write, at most every `sync_every_s` seconds after, and on `close`.
+  """
+
+  def __init__(self, run_dir: str, *, tensorboard: bool = True, enabled: bool = True,
+               sync_every_s: float = 30.0):
     self.enabled = enabled
     self.jsonl = None
     self.tb = None
+    self.staged = None
     if not enabled:
       return
-    os.makedirs(run_dir, exist_ok=True)
-    self.jsonl = open(os.path.join(run_dir, 'metrics.jsonl'), 'a')
+    self.staged = storage.StagedDir(run_dir, pull=('metrics.jsonl',), every_s=sync_every_s)
+    self.jsonl = open(os.path.join(self.staged.local, 'metrics.jsonl'), 'a')
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(run_dir, 'tensorboard'))
+      self.tb = SummaryWriter(os.path.join(self.staged.local, 'tensorboard'))
 
   def write(self, step: int, scalars: Mapping[str, Any], prefix: str = 'train') -> None:
     if not self.enabled:
@@ -84,12 +93,15 @@ class MetricWriter:
       for k, v in clean.items():
         self.tb.add_scalar(f'{prefix}/{k}', v, step)
       self.tb.flush()
+    self.staged.sync()
 
   def close(self) -> None:
     if self.jsonl:
       self.jsonl.close()
     if self.tb:
       self.tb.close()
+    if self.staged:
+      self.staged.close()
 
 
 def _to_float(v: Any) -> float:

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gemjax import batch as batch_lib
 from gemjax.model import params as params_lib
 from gemjax.model.decoder import flatten_aux
-from gemjax.model.loss import cross_entropy
+from gemjax.model.loss import chunked_cross_entropy, cross_entropy
 from gemjax.model.spec import decoder_spec
 from gemjax.parallel import sharding as shd
 
@@ -180,10 +180,16 @@ def init_state(model_cfg, mdef: ModelDef, tx, mesh, seed: int) -> dict:
 # -------------------------------------------------------------------- steps
 
 
-def loss_fn(params, batch, *, graphdef, z_loss: float):
+def loss_fn(params, batch, *, graphdef, z_loss: float, loss_chunk: int = 0):
   model = nnx.merge(graphdef, params)
-  logits, aux, _ = model(batch)
-  loss, metrics = cross_entropy(logits, batch, z_loss=z_loss)
+  if loss_chunk:
+    info = model.sequence_info(batch)
+    x, aux, _ = model.run_layers(model.embed(batch, info), info)
+    loss, metrics = chunked_cross_entropy(model.logits, x, batch, z_loss=z_loss,
+                                          chunk=loss_chunk)
+  else:
+    logits, aux, _ = model(batch)
+    loss, metrics = cross_entropy(logits, batch, z_loss=z_loss)
   aux = flatten_aux(aux)
   aux_loss = sum((jnp.sum(v) for k, v in aux.items() if k.split('/')[0].endswith('_loss')),
                  jnp.zeros((), jnp.float32))
@@ -204,7 +210,7 @@ def make_train_step(mdef: ModelDef, tx, model_cfg, schedule: Callable) -> Callab
   def step_fn(state, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, metrics), grads = grad_fn(state['params'], batch, graphdef=mdef.graphdef,
-                                     z_loss=model_cfg.z_loss)
+                                     z_loss=model_cfg.z_loss, loss_chunk=model_cfg.loss_chunk)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state['opt_state'], state['params'])
@@ -223,7 +229,8 @@ def make_train_step(mdef: ModelDef, tx, model_cfg, schedule: Callable) -> Callab
 
 def make_eval_step(mdef: ModelDef, model_cfg) -> Callable:
   def eval_fn(params, batch):
-    _, metrics = loss_fn(params, batch, graphdef=mdef.graphdef, z_loss=model_cfg.z_loss)
+    _, metrics = loss_fn(params, batch, graphdef=mdef.graphdef, z_loss=model_cfg.z_loss,
+                         loss_chunk=model_cfg.loss_chunk)
     return metrics
   return eval_fn
 

@@ -76,3 +76,35 @@ def test_weight_decay_skips_stacked_norm_scales():
   np.testing.assert_array_equal(new['layers']['blocks'][0]['attn_norm']['scale'], 1.0)
   np.testing.assert_array_equal(new['final_norm']['scale'], 1.0)
   assert float(new['layers']['blocks'][0]['mlp']['w_up_DxF'].max()) < 1.0   # matrices decay
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('tied', [True, False])
+def test_chunked_loss_equals_the_whole_logits_loss_and_grads(tied):
+  """model.loss_chunk: head + loss over 4-token chunks (rematerialised) give
+  the loss, every metric and the gradients of the all-at-once path."""
+  extra = ['model.num_layers=2', f'model.tie_embeddings={str(tied).lower()}']
+  cfg = load_config(None, TINY + extra)
+  mdef = S.model_def(cfg.model)
+  params = S.init_state(cfg.model, mdef, S.optimizer_for(cfg), _mesh(), 0)['params']
+  batch = next(make_iterator(cfg, 'train'))
+  # Weights that differ by token and a modality change, so every sum is exercised.
+  batch['loss_weights'] = np.asarray(batch['loss_weights']) * np.linspace(0.5, 1.5, 16)
+  batch['modality'] = np.asarray(batch['modality']).copy()
+  batch['modality'][:, 9:12] = 4
+
+  def run(chunk):
+    f = lambda p: S.loss_fn(p, batch, graphdef=mdef.graphdef, z_loss=1e-2, loss_chunk=chunk)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+  (loss, metrics), grads = run(0)
+  (loss_c, metrics_c), grads_c = run(4)
+  np.testing.assert_allclose(float(loss_c), float(loss), rtol=1e-6)
+  assert set(metrics_c) == set(metrics)
+  for k in metrics:
+    np.testing.assert_allclose(np.asarray(metrics_c[k]), np.asarray(metrics[k]), rtol=1e-5,
+                               atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(Exception, match='model.loss_chunk'):
+    load_config(None, TINY + ['model.loss_chunk=5'])

@@ -31,6 +31,8 @@ def test_presets_load_and_overrides_apply():
     ('model.attention=dence', r"model.attention='dence' is invalid: .*did you mean 'dense'"),
     ('data.source=synthetc', r"data.source='synthetc' is invalid: .*did you mean 'synthetic'"),
     ('mesh.context_layout=zigzg', r"mesh.context_layout='zigzg' is invalid: one of \('contiguous', 'zigzag', 'striped'\)"),
+    ('eval.every=-5', r"eval.every=-5 is invalid: a number of steps >= 0 \(0 = no evaluation"),
+    ('eval.train_max_records=-1', r"eval.train_max_records=-1 is invalid: >= 0"),
     ('model', r"must look like 'section.key=value'"),
     ('model=3', r"'model' is a section"),
 ])

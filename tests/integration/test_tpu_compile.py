@@ -1,0 +1,45 @@
+"""Real AOT compiles of the train step for a TPU topology, on this CPU host.
+
+Needs libtpu: in the venv (`pip install 'gemjax[tpu]'`), or the copy that
+`make setup` puts in .venv/libtpu for this test (a separate folder, so that
+ordinary CPU runs do not load the TPU runtime). Skipped only where neither
+exists.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LIBTPU_DIR = os.path.join(ROOT, '.venv', 'libtpu')
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  if importlib.util.find_spec('libtpu') is None:
+    if not os.path.isdir(os.path.join(LIBTPU_DIR, 'libtpu')):
+      pytest.skip('libtpu is not installed (make setup puts it in .venv/libtpu)')
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (LIBTPU_DIR, env.get('PYTHONPATH')) if p)
+  return env
+
+
+def _aot(*args):
+  return subprocess.run([sys.executable, '-m', 'gemjax.train.aot', 'configs/nano.yaml',
+                         '--topology', 'v5p:2x2x1', 'mesh.data=2', 'mesh.fsdp=2',
+                         'model.loss_chunk=64', *args], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_nano_compiles_for_a_v5p_slice_and_a_too_small_chip_exits_3():
+  out = _aot()
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'v5p:2x2x1 (4 x TPU v5' in out.stdout and ': fits.' in out.stdout
+  assert 'HBM 89.16 GiB' in out.stdout and 'temporaries' in out.stdout
+  tight = _aot('--hbm-gib', '0.001')
+  assert tight.returncode == 3, tight.stderr[-3000:]
+  assert 'DOES NOT FIT' in tight.stdout and 'model.loss_chunk' in tight.stderr
