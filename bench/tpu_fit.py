@@ -26,9 +26,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from gemjax import config as config_lib  # noqa: E402
+from gemjax.train.tpu_compile import HBM_BYTES  # noqa: E402
 
 TOPOLOGY = {'flash': 'v5p:4x4x4', 'pro': 'v5p:8x8x4', 'ultra': 'v5p:8x16x8'}
 LIBTPU_DIR = os.path.join(ROOT, '.venv', 'libtpu')
+HBM_GIB = HBM_BYTES['TPU v5'] / 2**30   # every preset targets v5p
 _GIB = re.compile(r'(arguments|outputs|temporaries|code|peak) ([0-9.]+) GiB')
 
 
@@ -61,7 +63,6 @@ def main(argv=None) -> int:
   for preset in args.presets:
     cfg = config_lib.load_config(os.path.join(ROOT, 'configs', f'{preset}.yaml'), args.overrides)
     full = cfg.model.num_layers
-    hbm = 95.74e9 / 2**30
     if args.layers == ['full']:
       r = compile_once(preset, None, args.overrides)
       rows.append(dict(preset=preset, layers=full, how='compiled', **r))
@@ -74,16 +75,13 @@ def main(argv=None) -> int:
       slope = (r1['peak'] - r0['peak']) / (l1 - l0)
       rows.append(dict(preset=preset, layers=full, how=f'extrapolated from {l0}, {l1}',
                        peak=r0['peak'] + slope * (full - l0), compile_s=float('nan')))
-    for r in rows[-1:]:
-      r['hbm'] = hbm
   print('| preset | topology | layers | how | arguments GiB | temporaries GiB | peak GiB / chip | '
         'HBM GiB | fits | compile s |')
   print('|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
-    hbm = 95.74e9 / 2**30
     print(f"| {r['preset']} | {TOPOLOGY[r['preset']]} | {r['layers']} | {r['how']} | "
           f"{r.get('arguments', float('nan')):.2f} | {r.get('temporaries', float('nan')):.2f} | "
-          f"{r['peak']:.2f} | {hbm:.2f} | {'yes' if r['peak'] <= hbm else 'NO'} | "
+          f"{r['peak']:.2f} | {HBM_GIB:.2f} | {'yes' if r['peak'] <= HBM_GIB else 'NO'} | "
           f"{r['compile_s']:.0f} |", flush=True)
   print(json.dumps([{k: v for k, v in r.items() if k != 'line'} for r in rows]))
   return 0

@@ -186,9 +186,7 @@ def test_resume_with_other_num_workers_is_an_error_naming_the_key(tmp_path):
   # Grain splits the data between worker processes, so a saved position is only
   # valid for the same worker count: 0 -> 1 used to fail inside Grain
   # (KeyError), and 1 -> 2 to resume silently from the wrong place.
-  grain_run = ['data.source=grain', f'data.datasets=[{{path: "{TEXT_LM}"}}]',
-               'data.image_patches=0', 'data.audio_patches=0', 'model.vocab_size=384',
-               'train.steps=3']
+  grain_run = GRAIN_RUN + ['train.steps=3']
   _train(_cfg(tmp_path, *grain_run, 'data.num_workers=0'))
   with pytest.raises(CheckpointError, match=r'/3\b.*saved with data\.num_workers=0.*'
                                             r'this run sets data\.num_workers=1'):
