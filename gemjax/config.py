@@ -40,6 +40,10 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 # gemjax.parallel.layouts.LAYOUTS) are checked against these by tests.
 ATTENTION_KINDS = ('blockwise', 'dense', 'ring', 'splash', 'cudnn', 'infini')
 MLP_KINDS = ('swiglu',)
+MLP_ACTIVATIONS = ('silu', 'gelu_tanh')
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
+# Attention kinds that implement model.attn_softcap.
+SOFTCAP_KERNELS = ('blockwise', 'dense', 'ring')
 MOE_PATHS = ('auto', 'capacity', 'dropless')
 INFINI_UPDATES = ('linear', 'delta')
 CONTEXT_LAYOUTS = ('contiguous', 'zigzag', 'striped')
@@ -79,6 +83,19 @@ class InfiniConfig:
 
 
 @dataclasses.dataclass
+class RopeScalingConfig:
+  # Context extension of a pretrained model's rotary frequencies (as Hugging
+  # Face's rope_parameters): 'none' | 'linear' (positions / factor) |
+  # 'llama3' (Llama 3.1's per-frequency blend of the two). Applies to global
+  # layers, and to sliding-window layers unless model.local_rope_base is set.
+  kind: str = 'none'
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
+
+
+@dataclasses.dataclass
 class ModelConfig:
   vocab_size: int = 512
   d_model: int = 128
@@ -95,6 +112,28 @@ class ModelConfig:
   qk_norm: bool = True
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
+  # Pretrained-family options (gemjax.convert sets them; the defaults are
+  # gemjax's own architecture). RMSNorm scale as (1 + w), zero-initialised
+  # (gemjax, Gemma), or as w itself, one-initialised (Llama, Mistral, Mixtral).
+  norm_plus_one: bool = True
+  # Feed-forward gate: 'silu' (SwiGLU) | 'gelu_tanh' (GeGLU, Gemma).
+  mlp_activation: str = 'silu'
+  # Token embeddings times sqrt(d_model) (Gemma).
+  embed_scale: bool = False
+  # Sandwich norms: a second RMSNorm on each sublayer's output before the
+  # residual add (Gemma 2 and 3).
+  post_norms: bool = False
+  # Soft-capping cap * tanh(x / cap) of the attention scores and of the output
+  # logits (Gemma 2); 0 = off.
+  attn_softcap: float = 0.0
+  final_softcap: float = 0.0
+  # Attention scores scale; 0 = head_dim ** -0.5 (Gemma 2/3 use
+  # query_pre_attn_scalar ** -0.5).
+  query_scale: float = 0.0
+  # RoPE base of the sliding-window layers; 0 = model.rope_base (Gemma 3
+  # uses 10k locally and 1M globally).
+  local_rope_base: float = 0.0
+  rope_scaling: RopeScalingConfig = dataclasses.field(default_factory=RopeScalingConfig)
   z_loss: float = 1e-4
   # Tokens per chunk of the output head + loss (0 = all at once): with a
   # large vocabulary the [batch, seq, vocab] f32 logits dominate a chip's
@@ -108,7 +147,8 @@ class ModelConfig:
   # Query/key chunk of the blockwise and ring kernels (128 suits CPU caches;
   # 512 suits TPU/GPU).
   attention_block: int = 512
-  # Local + global: `local_layers` sliding-window layers, then one global one.
+  # Local + global: `local_layers` sliding-window layers, then one global one
+  # (-1: every layer slides, Mistral v0.1).
   # A query sees the `window` most recent tokens, itself included (tokens of
   # one media block always see each other). The window bounds the past only:
   # a non-causal kernel call with a window sees every later key
@@ -199,8 +239,17 @@ class CheckpointConfig:
   async_save: bool = True
   # Resume from the newest complete checkpoint in train.run_dir.
   resume: bool = True
-  # Fine-tune: take parameters (only) from this Orbax checkpoint.
+  # Fine-tune: take parameters (only) from this Orbax checkpoint (a run or
+  # step directory, or the output of `python -m gemjax.convert import`).
   init_from: str = ''
+  # Fine-tune a larger model (a text LLM into a multimodal one): parameters
+  # init_from lacks (patch embedders) keep their fresh initialisation, and
+  # vocabulary rows beyond its vocabulary (gemjax's special tokens, image
+  # codes) start at the mean of the loaded rows plus their fresh values.
+  init_partial: bool = False
+  # For the first N steps only those new parameters and rows are trained
+  # (the loaded ones get a zero update); 0 = train everything from the start.
+  freeze_loaded_steps: int = 0
 
 
 @dataclasses.dataclass
@@ -237,7 +286,9 @@ class DataConfig:
   # grain: the training mixture and the evaluation datasets.
   datasets: list[DatasetConfig] = dataclasses.field(default_factory=list)
   eval_datasets: list[DatasetConfig] = dataclasses.field(default_factory=list)
-  # 'bytes' or a SentencePiece .model file.
+  # Text tokenizer (gemjax/tokenizers/text.py): 'bytes', a SentencePiece
+  # .model file, or a Hugging Face tokenizer.json (or a model folder holding
+  # one). Its vocabulary comes first; model.vocab_size >= VocabLayout.size.
   tokenizer: str = 'bytes'
   # Directory of a saved ImageCodeTokenizer ('' = none): predicted images are
   # trained as its discrete codes, and the vocabulary reserves its num_codes.
@@ -520,7 +571,8 @@ def _check_name(key: str, name: str, valid: Sequence[str]) -> None:
 def layer_period(model_cfg: ModelConfig) -> int:
   """Layers in one repeat of the layer pattern (local/global x MoE every n-th)."""
   moe = model_cfg.moe
-  return math.lcm(model_cfg.local_layers + 1, moe.moe_every if moe.num_experts else 1)
+  attn_period = 1 if model_cfg.local_layers < 0 else model_cfg.local_layers + 1
+  return math.lcm(attn_period, moe.moe_every if moe.num_experts else 1)
 
 
 def _check_layers(m: ModelConfig) -> None:
@@ -529,13 +581,14 @@ def _check_layers(m: ModelConfig) -> None:
   _check_name('model.mlp', m.mlp, MLP_KINDS)
   if m.attention_block <= 0:
     _fail('model.attention_block', m.attention_block, 'must be a positive chunk size')
-  if m.local_layers < 0:
-    _fail('model.local_layers', m.local_layers, 'must be >= 0')
+  if m.local_layers < -1:
+    _fail('model.local_layers', m.local_layers, 'must be >= 0 (or -1: every layer slides)')
   if m.local_layers and m.window <= 0:
     _fail('model.window', m.window, f'model.local_layers={m.local_layers} needs a '
           'positive sliding window')
   if m.moe.num_experts:
     _check_moe(m.moe)
+  _check_family_options(m)
   if m.attention == 'infini':
     _check_name('model.infini.update', m.infini.update, INFINI_UPDATES)
     if m.infini.segment_len <= 0:
@@ -544,6 +597,33 @@ def _check_layers(m: ModelConfig) -> None:
   if m.num_layers % period:
     _fail('model.num_layers', m.num_layers,
           f'must be a multiple of the layer pattern period {period}')
+
+
+def _check_family_options(m: ModelConfig) -> None:
+  """The pretrained-family options (norm, activation, soft-caps, RoPE)."""
+  _check_name('model.mlp_activation', m.mlp_activation, MLP_ACTIVATIONS)
+  for key in ('attn_softcap', 'final_softcap', 'query_scale', 'local_rope_base'):
+    if getattr(m, key) < 0:
+      _fail(f'model.{key}', getattr(m, key), '>= 0 (0 = off / the default)')
+  if m.attn_softcap and m.attention not in SOFTCAP_KERNELS:
+    _fail('model.attn_softcap', m.attn_softcap,
+          f"supported by model.attention in {SOFTCAP_KERNELS} (got {m.attention!r})")
+  if m.attention == 'infini' and (m.query_scale or m.rope_scaling.kind != 'none'):
+    _fail('model.attention', m.attention, "not 'infini' with model.query_scale or "
+          'model.rope_scaling (Infini-attention uses the default scale and RoPE)')
+  if m.moe.num_experts and m.mlp_activation != 'silu':
+    _fail('model.mlp_activation', m.mlp_activation,
+          "'silu' with MoE layers (experts are SwiGLU)")
+  r = m.rope_scaling
+  _check_name('model.rope_scaling.kind', r.kind, ROPE_SCALINGS)
+  if r.kind != 'none' and r.factor <= 0:
+    _fail('model.rope_scaling.factor', r.factor, 'must be > 0')
+  if r.kind == 'llama3':
+    if not 0 < r.low_freq_factor < r.high_freq_factor:
+      _fail('model.rope_scaling.low_freq_factor', r.low_freq_factor,
+            f'in (0, model.rope_scaling.high_freq_factor={r.high_freq_factor})')
+    if r.original_max_len <= 0:
+      _fail('model.rope_scaling.original_max_len', r.original_max_len, 'must be > 0')
 
 
 def _check_moe(moe: MoEConfig) -> None:
@@ -579,6 +659,13 @@ def validate(cfg: Config) -> None:
     _fail('eval.image_temperature', e.image_temperature, '>= 0 (0 = greedy)')
   if e.image_top_k < 0:
     _fail('eval.image_top_k', e.image_top_k, '>= 0 (0 = all codes)')
+  c = cfg.checkpoint
+  if c.freeze_loaded_steps < 0:
+    _fail('checkpoint.freeze_loaded_steps', c.freeze_loaded_steps, 'a number of steps >= 0')
+  if (c.init_partial or c.freeze_loaded_steps) and not c.init_from:
+    key = 'checkpoint.init_partial' if c.init_partial else 'checkpoint.freeze_loaded_steps'
+    _fail(key, getattr(c, key.split('.')[1]), 'needs checkpoint.init_from (the model to '
+          'fine-tune from)')
   if e.every < 0:
     _fail('eval.every', e.every, 'a number of steps >= 0 (0 = no evaluation during training)')
   if e.train_max_records < 0:

@@ -111,7 +111,7 @@ class Stats(NamedTuple):
 
 
 def attend_stats(q_BxTxHxK: jax.Array, cache: KVCache, q_index_BxT: jax.Array, *,
-                 window: int = 0) -> Stats:
+                 window: int = 0, softcap: float = 0.0) -> Stats:
   """Softmax statistics of the queries over this cache's visible slots.
 
   Both products are batched over (row, KV head) with the R query heads of a
@@ -127,6 +127,8 @@ def attend_stats(q_BxTxHxK: jax.Array, cache: KVCache, q_index_BxT: jax.Array, *
   batch_dims = ((0, 1), (0, 1))
   s = jax.lax.dot_general(q_BxGxNxK, cache.k_BxGxSxK, (((3,), (3,)), batch_dims),
                           preferred_element_type=jnp.float32).reshape(B, G, R, T, S)
+  if softcap:
+    s = softcap * jnp.tanh(s / softcap)
   ok = visible(q_index_BxT, cache.index_BxS, window=window)[:, None, None]
   s = jnp.where(ok, s, NEG_INF)
   m_BxGxRxT = jnp.max(s, axis=-1)
@@ -152,7 +154,8 @@ def finalize(stats: Stats, dtype) -> jax.Array:
 
 
 def attend(q_BxTxHxK: jax.Array, cache: KVCache, q_index_BxT: jax.Array, *,
-           window: int = 0) -> jax.Array:
+           window: int = 0, softcap: float = 0.0) -> jax.Array:
   """Attention of new queries over a (whole, local) cache: [B, T, H, K]."""
-  return finalize(attend_stats(q_BxTxHxK, cache, q_index_BxT, window=window),
+  return finalize(attend_stats(q_BxTxHxK, cache, q_index_BxT, window=window,
+                               softcap=softcap),
                   q_BxTxHxK.dtype)

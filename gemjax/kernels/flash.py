@@ -221,8 +221,13 @@ def _tie(q_c, q_meta, kv_meta):
 # ---------------------------------------------------------------- forward
 
 
+def capped(s: jax.Array, softcap: float) -> jax.Array:
+  """Gemma 2's score soft-cap, softcap * tanh(s / softcap); 0 = off."""
+  return softcap * jnp.tanh(s / softcap) if softcap else s
+
+
 def fwd_chunks(q_c, q_meta: MaskMeta, k_c, v_c, kv_meta: MaskMeta, stats: Stats, *,
-               causal: bool, window: int, scale: float) -> Stats:
+               causal: bool, window: int, scale: float, softcap: float = 0.0) -> Stats:
   """Folds every key/value chunk into the online softmax of every query chunk.
 
   q_c [nq, B, G, R, bq, K]; k_c, v_c [nk, B, G, bk, K]; metas chunk-major.
@@ -240,8 +245,8 @@ def fwd_chunks(q_c, q_meta: MaskMeta, k_c, v_c, kv_meta: MaskMeta, stats: Stats,
         acc, m, l = carry
         if _chunk_probe is not None:
           jax.debug.callback(_chunk_probe, qm.index.min(), kvm.index.min())
-        s = jnp.einsum('bgrqk,bgsk->bgrqs', q, k,
-                       preferred_element_type=jnp.float32) * scale
+        s = capped(jnp.einsum('bgrqk,bgsk->bgrqs', q, k,
+                              preferred_element_type=jnp.float32) * scale, softcap)
         mask = mask_BxQxS[:, None, None]
         s = jnp.where(mask, s, NEG_INF)
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -267,7 +272,8 @@ def fwd_chunks(q_c, q_meta: MaskMeta, k_c, v_c, kv_meta: MaskMeta, stats: Stats,
 
 
 def bwd_chunks(q_c, q_meta: MaskMeta, k_c, v_c, kv_meta: MaskMeta, do_c, lse_c,
-               delta_c, dq_c, *, causal: bool, window: int, scale: float):
+               delta_c, dq_c, *, causal: bool, window: int, scale: float,
+               softcap: float = 0.0):
   """Gradient contributions of one key/value set (FlashAttention-2 backward).
 
   Recomputes p = exp(s - lse) chunk by chunk. Returns (dq_c + its share,
@@ -286,11 +292,17 @@ def bwd_chunks(q_c, q_meta: MaskMeta, k_c, v_c, kv_meta: MaskMeta, do_c, lse_c,
         dk, dv, dq = args
         s = jnp.einsum('bgrqk,bgsk->bgrqs', q, k,
                        preferred_element_type=jnp.float32) * scale
+        if softcap:
+          t = jnp.tanh(s / softcap)
+          s = softcap * t
         p = jnp.where(mask_BxQxS[:, None, None], jnp.exp(s - lse[..., None]), 0.0)
         dv = dv + jnp.einsum('bgrqs,bgrqk->bgsk', p.astype(do.dtype), do,
                              preferred_element_type=jnp.float32)
         dp = jnp.einsum('bgrqk,bgsk->bgrqs', do, v, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta[..., None])).astype(q.dtype)
+        ds = p * (dp - delta[..., None])
+        if softcap:
+          ds = ds * (1.0 - t * t)   # d(softcap tanh(s / softcap)) / ds
+        ds = ds.astype(q.dtype)
         dq = dq + scale * jnp.einsum('bgrqs,bgsk->bgrqk', ds, k,
                                      preferred_element_type=jnp.float32)
         dk = dk + scale * jnp.einsum('bgrqs,bgrqk->bgsk', ds, q,
@@ -318,26 +330,26 @@ def out_delta(o_c: jax.Array, do_c: jax.Array) -> jax.Array:
 # --------------------------------------------------------- whole kernel
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def blockwise_core(q_c, k_c, v_c, q_meta, kv_meta, causal, window, scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def blockwise_core(q_c, k_c, v_c, q_meta, kv_meta, causal, window, scale, softcap=0.0):
   """Chunk-major blockwise attention with the FlashAttention-2 backward."""
-  out, _ = _blockwise_fwd(q_c, k_c, v_c, q_meta, kv_meta, causal, window, scale)
+  out, _ = _blockwise_fwd(q_c, k_c, v_c, q_meta, kv_meta, causal, window, scale, softcap)
   return out
 
 
-def _blockwise_fwd(q_c, k_c, v_c, q_meta, kv_meta, causal, window, scale):
+def _blockwise_fwd(q_c, k_c, v_c, q_meta, kv_meta, causal, window, scale, softcap=0.0):
   stats = fwd_chunks(q_c, q_meta, k_c, v_c, kv_meta, init_stats(q_c),
-                     causal=causal, window=window, scale=scale)
+                     causal=causal, window=window, scale=scale, softcap=softcap)
   out, lse = finalize(stats, q_c.dtype)
   return out, (q_c, k_c, v_c, q_meta, kv_meta, out, lse)
 
 
-def _blockwise_bwd(causal, window, scale, res, do_c):
+def _blockwise_bwd(causal, window, scale, softcap, res, do_c):
   q_c, k_c, v_c, q_meta, kv_meta, out, lse = res
   dq0 = zeros_varying(q_c.shape, jnp.float32, q_c)
   dq, dk, dv = bwd_chunks(q_c, q_meta, k_c, v_c, kv_meta, do_c, lse,
                           out_delta(out, do_c), dq0,
-                          causal=causal, window=window, scale=scale)
+                          causal=causal, window=window, scale=scale, softcap=softcap)
   return (dq.astype(q_c.dtype), dk.astype(k_c.dtype), dv.astype(v_c.dtype), None, None)
 
 
@@ -363,8 +375,8 @@ def to_chunks(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask, *, block_q: int,
 
 def blockwise_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
                         mask, *, kv_mask=None, causal: bool = True, window: int = 0,
-                        block_q: int = DEFAULT_BLOCK,
-                        block_k: int = DEFAULT_BLOCK) -> jax.Array:
+                        block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK,
+                        softcap: float = 0.0) -> jax.Array:
   """Dense attention's result in O(T * block) memory, on the local arrays.
 
   `mask` holds the queries' mask arrays, `kv_mask` the keys' (default: the
@@ -374,5 +386,5 @@ def blockwise_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: j
   T, K = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
   q_c, k_c, v_c, q_meta, kv_meta = to_chunks(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask,
                                              block_q=block_q, block_k=block_k)
-  o_c = blockwise_core(q_c, k_c, v_c, q_meta, kv_meta, causal, window, K ** -0.5)
+  o_c = blockwise_core(q_c, k_c, v_c, q_meta, kv_meta, causal, window, K ** -0.5, softcap)
   return q_from_chunks(o_c, T)

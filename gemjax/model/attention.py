@@ -6,7 +6,7 @@ from `KERNELS`, a static table of the attention kinds gemjax ships (the
 'infini'). Every entry has the same signature,
 
     kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None,
-           causal=True, window=0, block=DEFAULT_BLOCK) -> o_BxTxHxK
+           causal=True, window=0, block=DEFAULT_BLOCK, softcap=0.0) -> o_BxTxHxK
 
 and the same mask (gemjax/kernels/mask.py); `block` is the chunk size of the
 chunked kernels (ignored by 'dense'). The math lives in `gemjax.kernels`,
@@ -22,6 +22,7 @@ import functools
 from typing import NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from gemjax.kernels import dense as dense_lib
@@ -31,7 +32,7 @@ from gemjax.kernels.flash import DEFAULT_BLOCK
 from gemjax.model.info import SequenceInfo
 from gemjax.model.norm import RMSNorm
 from gemjax.model.params import dtype, fan_in_std, param, project
-from gemjax.model.rope import apply_rope
+from gemjax.model.rope import NO_SCALING, apply_rope
 from gemjax.parallel import kv_cache
 from gemjax.parallel.ring_attention import ring_attention, sharded_blockwise
 from gemjax.parallel.sharding import constrain, current_mesh, logical_to_spec
@@ -41,44 +42,51 @@ class AttentionKernel(Protocol):
 
   def __call__(self, q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
                mask, *, kv_mask=None, causal: bool = True, window: int = 0,
-               block: int = DEFAULT_BLOCK) -> jax.Array:
+               block: int = DEFAULT_BLOCK, softcap: float = 0.0) -> jax.Array:
     ...
+
+
+def _no_softcap(kernel: str, softcap: float) -> None:
+  if softcap:
+    raise ValueError(f"attention score soft-capping is not implemented by the {kernel!r} "
+                     "kernel; use 'blockwise', 'dense' or 'ring'")
 
 
 # ------------------------------------------------------------------ kernels
 
 
 def dense_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=True,
-                 window=0, block=DEFAULT_BLOCK):
+                 window=0, block=DEFAULT_BLOCK, softcap=0.0):
   """The full [T, S] score matrix (GSPMD shards it like any other einsum)."""
   del block
   return dense_lib.dense_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask=kv_mask,
-                                   causal=causal, window=window)
+                                   causal=causal, window=window, softcap=softcap)
 
 
 def blockwise_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=True,
-                     window=0, block=DEFAULT_BLOCK):
+                     window=0, block=DEFAULT_BLOCK, softcap=0.0):
   """Exact chunked attention, each device on its own batch/head shard."""
   return sharded_blockwise(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask=kv_mask,
-                           causal=causal, window=window, block=block)
+                           causal=causal, window=window, block=block, softcap=softcap)
 
 
 def ring_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=True,
-                window=0, block=DEFAULT_BLOCK):
+                window=0, block=DEFAULT_BLOCK, softcap=0.0):
   """The sequence split over the 'context' mesh axis (self-attention only)."""
   if kv_mask is not None:
     raise ValueError("the 'ring' kernel is self-attention: keys are the queries' tokens")
   return ring_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, causal=causal,
-                        window=window, block=block)
+                        window=window, block=block, softcap=softcap)
 
 
 def cudnn_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=True,
-                 window=0, block=DEFAULT_BLOCK):
+                 window=0, block=DEFAULT_BLOCK, softcap=0.0):
   """cuDNN fused attention where it fits, else 'blockwise'.
 
   Static fallback (off GPU, f32, odd head dims) and run-time fallback (packed
   rows, blocks, permuted layouts: `lax.cond`) both go to 'blockwise'.
   """
+  _no_softcap('cudnn', softcap)
   fallback = functools.partial(blockwise_kernel, kv_mask=kv_mask, causal=causal,
                                window=window, block=block)
   if kv_mask is not None or not platform.cudnn_static_ok(q_BxTxHxK, k_BxSxGxK, causal, window):
@@ -91,7 +99,7 @@ def cudnn_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=
 
 
 def splash_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=True,
-                  window=0, block=DEFAULT_BLOCK, interpret: bool = False):
+                  window=0, block=DEFAULT_BLOCK, softcap=0.0, interpret: bool = False):
   """Pallas splash attention on TPU where it fits, else 'blockwise'.
 
   A Pallas call is not partitioned by GSPMD: under a multi-device mesh it
@@ -99,6 +107,7 @@ def splash_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal
   (tensor). The sequence must be whole on every device (`mesh.context` 1,
   which config validation enforces for 'splash').
   """
+  _no_softcap('splash', softcap)
   fallback = functools.partial(blockwise_kernel, kv_mask=kv_mask, causal=causal,
                                window=window, block=block)
   if kv_mask is not None or not platform.splash_static_ok(
@@ -185,7 +194,12 @@ class AttentionSpec:
   head_dim: int
   rope_base: float = 10_000.0
   mrope_sections: tuple[int, ...] = (2, 1, 1)
+  rope_scaling: tuple = NO_SCALING
   qk_norm: bool = True
+  norm_plus_one: bool = True
+  # Scores soft-cap (0 = off) and scale (0 = head_dim ** -0.5).
+  softcap: float = 0.0
+  query_scale: float = 0.0
   kernel: str = 'blockwise'
   block: int = DEFAULT_BLOCK
   window: int = 0
@@ -232,6 +246,10 @@ class Attention(nnx.Module):
     pd = dtype(spec.param_dtype)
     self.num_heads, self.num_kv_heads, self.head_dim = h, g, k
     self.rope_base, self.mrope_sections = spec.rope_base, tuple(spec.mrope_sections)
+    self.rope_scaling = tuple(spec.rope_scaling)
+    self.softcap = spec.softcap
+    # Kernels scale scores by head_dim ** -0.5: another scale is folded into q.
+    self.q_mult = spec.query_scale * k ** 0.5 if spec.query_scale else 0.0
     self.kernel, self.block = spec.kernel, spec.block
     self.window, self.causal = spec.window, spec.causal
     self.compute_dtype = dtype(spec.compute_dtype)
@@ -242,13 +260,15 @@ class Attention(nnx.Module):
     self.wo_HxKxD = param(rngs, (h, k, d), ('heads', 'head_dim', 'embed'),
                           std=fan_in_std(h * k), dtype=pd)
     if spec.qk_norm:
-      self.q_norm = RMSNorm(k, eps=spec.norm_eps, param_dtype=pd)
-      self.k_norm = RMSNorm(k, eps=spec.norm_eps, param_dtype=pd)
+      self.q_norm = RMSNorm(k, eps=spec.norm_eps, param_dtype=pd, plus_one=spec.norm_plus_one)
+      self.k_norm = RMSNorm(k, eps=spec.norm_eps, param_dtype=pd, plus_one=spec.norm_plus_one)
     else:
       self.q_norm = self.k_norm = None
 
   def attend(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, **kw) -> jax.Array:
     """This layer's kernel with its mask settings and chunk size."""
+    if self.softcap:
+      kw['softcap'] = self.softcap
     return KERNELS[self.kernel](q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, causal=self.causal,
                                 window=self.window, block=self.block, **kw)
 
@@ -259,8 +279,11 @@ class Attention(nnx.Module):
     v = project(x_BxTxD, self.wv_DxGxK[...], dtype=cd)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = apply_rope(q, info.positions_BxTx3, base=self.rope_base, sections=self.mrope_sections)
-    k = apply_rope(k, info.positions_BxTx3, base=self.rope_base, sections=self.mrope_sections)
+    rope = dict(base=self.rope_base, sections=self.mrope_sections, scaling=self.rope_scaling)
+    q = apply_rope(q, info.positions_BxTx3, **rope)
+    k = apply_rope(k, info.positions_BxTx3, **rope)
+    if self.q_mult:
+      q = q * jnp.asarray(self.q_mult, q.dtype)
     q = constrain(q, ('batch', 'length', 'act_heads', None))
     k = constrain(k, ('batch', 'length', 'act_kv_heads', None))
     v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
@@ -297,5 +320,5 @@ class Attention(nnx.Module):
     if prefill:
       o = self.attend(q, k, v, info)
     else:
-      o = kv_cache.attend(q, cache, info.index_BxT, window=self.window)
+      o = kv_cache.attend(q, cache, info.index_BxT, window=self.window, softcap=self.softcap)
     return self.output(o), cache

@@ -1,6 +1,7 @@
 """One pre-norm transformer block and one period of the layer pattern.
 
     x + attn(norm(x));  x + ffn(norm(x))
+    x + post_norm(attn(norm(x)));  ...     with `post_norms` (Gemma 2/3)
 
 A block is built from a `BlockSpec` (its attention and feed-forward specs);
 the decoder and the late-fusion encoders use the same block. Imports the
@@ -35,6 +36,8 @@ class BlockSpec:
   d_model: int
   norm_eps: float = 1e-6
   param_dtype: str = 'float32'
+  norm_plus_one: bool = True
+  post_norms: bool = False
 
   def build(self, rngs: nnx.Rngs) -> 'Block':
     return Block(self, rngs=rngs)
@@ -48,17 +51,25 @@ class Block(nnx.Module):
 
   def __init__(self, spec: BlockSpec, *, rngs: nnx.Rngs):
     pd = dtype(spec.param_dtype)
-    self.attn_norm = RMSNorm(spec.d_model, eps=spec.norm_eps, param_dtype=pd)
+    norm = lambda: RMSNorm(spec.d_model, eps=spec.norm_eps, param_dtype=pd,
+                           plus_one=spec.norm_plus_one)
+    self.attn_norm = norm()
     self.attn = spec.attention.build(rngs)
-    self.mlp_norm = RMSNorm(spec.d_model, eps=spec.norm_eps, param_dtype=pd)
+    self.mlp_norm = norm()
     self.mlp = spec.mlp.build(rngs)
+    self.attn_post_norm = norm() if spec.post_norms else None
+    self.mlp_post_norm = norm() if spec.post_norms else None
 
   def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo, cache=None, *,
                prefill: bool = False):
     """Returns (x, aux, cache); with a cache, MoE layers drop no token."""
     a, cache = self.attn(self.attn_norm(x_BxTxD), info, cache, prefill=prefill)
+    if self.attn_post_norm is not None:
+      a = self.attn_post_norm(a)
     x_BxTxD = x_BxTxD + a.astype(x_BxTxD.dtype)
     y, aux = self.mlp(self.mlp_norm(x_BxTxD), info, no_drop=cache is not None)
+    if self.mlp_post_norm is not None:
+      y = self.mlp_post_norm(y)
     x_BxTxD = x_BxTxD + y.astype(x_BxTxD.dtype)
     return constrain(x_BxTxD, ('batch', 'length', 'act_embed')), aux, cache
 

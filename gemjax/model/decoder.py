@@ -47,6 +47,9 @@ class DecoderSpec:
   tie_embeddings: bool = True
   init_std: float = 0.02
   norm_eps: float = 1e-6
+  norm_plus_one: bool = True
+  # Output logits soft-cap, cap * tanh(logits / cap) (Gemma 2); 0 = off.
+  final_softcap: float = 0.0
   remat: str = 'none'
   scan_layers: bool = True
   compute_dtype: str = 'float32'
@@ -84,7 +87,9 @@ class Decoder(nnx.Module):
       return LayerGroup(period, rngs=rngs)
 
     self.layers = make_groups(rngs)
-    self.final_norm = RMSNorm(spec.d_model, eps=spec.norm_eps, param_dtype=pd)
+    self.final_norm = RMSNorm(spec.d_model, eps=spec.norm_eps, param_dtype=pd,
+                              plus_one=spec.norm_plus_one)
+    self.final_softcap = spec.final_softcap
     if not spec.tie_embeddings:
       self.head_DxV = param(rngs, (spec.d_model, spec.vocab_size), ('embed', 'vocab'),
                             std=spec.d_model ** -0.5, dtype=pd)
@@ -152,6 +157,8 @@ class Decoder(nnx.Module):
     else:
       w = self.head_DxV[...].astype(self.compute_dtype)
       logits = jnp.einsum('nd,dv->nv', x_NxD, w, preferred_element_type=jnp.float32)
+    if self.final_softcap:
+      logits = self.final_softcap * jnp.tanh(logits / self.final_softcap)
     return constrain(logits.reshape(b, t, -1), ('batch', 'length', 'act_vocab'))
 
   def __call__(self, batch: Mapping[str, jax.Array], cache=None, *, prefill: bool = False):

@@ -59,6 +59,9 @@ class EmbedderSpec:
   norm_eps: float = 1e-6
   compute_dtype: str = 'float32'
   param_dtype: str = 'float32'
+  norm_plus_one: bool = True
+  # Token embeddings times sqrt(d_model) (Gemma); patch embeddings are not.
+  embed_scale: bool = False
 
   def build(self, rngs: nnx.Rngs) -> 'InputEmbedder':
     return InputEmbedder(self, rngs=rngs)
@@ -72,7 +75,8 @@ class PatchEncoder(nnx.Module):
     self.compute_dtype = dtype(spec.compute_dtype)
     self.proj_PxD = param(rngs, (patch_dim, spec.d_model), ('patch', 'embed'),
                           std=fan_in_std(patch_dim), dtype=pd)
-    self.in_norm = RMSNorm(spec.d_model, eps=spec.norm_eps, param_dtype=pd)
+    self.in_norm = RMSNorm(spec.d_model, eps=spec.norm_eps, param_dtype=pd,
+                           plus_one=spec.norm_plus_one)
     self.blocks = nnx.List([spec.encoder.build(rngs) for _ in range(spec.encoder_layers)])
 
   def __call__(self, patches_BxPxD: jax.Array, info: SequenceInfo) -> jax.Array:
@@ -89,6 +93,7 @@ class InputEmbedder(nnx.Module):
 
   def __init__(self, spec: EmbedderSpec, *, rngs: nnx.Rngs):
     self.compute_dtype = dtype(spec.compute_dtype)
+    self.token_mult = spec.d_model ** 0.5 if spec.embed_scale else 0.0
     self.modality_MxD = constant(
         jnp.zeros((len(MODALITY_NAMES), spec.d_model), dtype(spec.param_dtype)), (None, 'embed'))
     self.encoders = nnx.Dict({m: PatchEncoder(spec, d, rngs=rngs) for m, d in spec.patch_dims})
@@ -99,6 +104,8 @@ class InputEmbedder(nnx.Module):
                info: SequenceInfo) -> jax.Array:
     cd = self.compute_dtype
     x = jnp.take(embedding_VxD, batch['tokens'], axis=0).astype(cd)
+    if self.token_mult:
+      x = x * jnp.asarray(self.token_mult, cd)
     x = x + jnp.take(self.modality_MxD[...], batch['modality'].astype(jnp.int32), axis=0).astype(cd)
     for m in CONTINUOUS_MODALITIES:
       pk, sk = patch_keys(m)

@@ -27,6 +27,7 @@ from gemjax.model.embed import EmbedderSpec
 from gemjax.model.infini import InfiniSpec
 from gemjax.model.mlp import MLPSpec
 from gemjax.model.moe import MoESpec
+from gemjax.model.rope import NO_SCALING
 
 
 def resolve_compute_dtype(name: str) -> str:
@@ -36,12 +37,24 @@ def resolve_compute_dtype(name: str) -> str:
   return name
 
 
+def rope_scaling(cfg: ModelConfig) -> tuple:
+  r = cfg.rope_scaling
+  return (r.kind, float(r.factor), float(r.low_freq_factor), float(r.high_freq_factor),
+          int(r.original_max_len))
+
+
 def attention_spec(cfg: ModelConfig, *, kernel: str, window: int = 0,
                    causal: bool = True) -> AttentionSpec:
+  # Sliding-window layers may have a RoPE of their own (Gemma 3: 10k, unscaled).
+  own_local_rope = window > 0 and cfg.local_rope_base > 0
   return AttentionSpec(
       d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, rope_base=cfg.rope_base,
-      mrope_sections=tuple(cfg.mrope_sections), qk_norm=cfg.qk_norm, kernel=kernel,
+      head_dim=cfg.head_dim,
+      rope_base=cfg.local_rope_base if own_local_rope else cfg.rope_base,
+      mrope_sections=tuple(cfg.mrope_sections),
+      rope_scaling=NO_SCALING if own_local_rope else rope_scaling(cfg),
+      qk_norm=cfg.qk_norm, norm_plus_one=cfg.norm_plus_one,
+      softcap=cfg.attn_softcap, query_scale=cfg.query_scale, kernel=kernel,
       block=cfg.attention_block, window=window, causal=causal, norm_eps=cfg.norm_eps,
       compute_dtype=resolve_compute_dtype(cfg.compute_dtype), param_dtype=cfg.param_dtype)
 
@@ -58,7 +71,8 @@ def _attention(cfg: ModelConfig, window: int):
 def _feed_forward(cfg: ModelConfig, moe: bool):
   cd = resolve_compute_dtype(cfg.compute_dtype)
   if not moe:
-    return MLPSpec(cfg.d_model, cfg.mlp_dim, compute_dtype=cd, param_dtype=cfg.param_dtype)
+    return MLPSpec(cfg.d_model, cfg.mlp_dim, compute_dtype=cd, param_dtype=cfg.param_dtype,
+                   activation=cfg.mlp_activation)
   m = cfg.moe
   expert_dim = m.expert_dim or cfg.mlp_dim
   return MoESpec(cfg.d_model, expert_dim, m.num_experts, m.top_k,
@@ -70,7 +84,8 @@ def _feed_forward(cfg: ModelConfig, moe: bool):
 
 def _block(cfg: ModelConfig, attention, mlp) -> BlockSpec:
   return BlockSpec(attention, mlp, d_model=cfg.d_model, norm_eps=cfg.norm_eps,
-                   param_dtype=cfg.param_dtype)
+                   param_dtype=cfg.param_dtype, norm_plus_one=cfg.norm_plus_one,
+                   post_norms=cfg.post_norms)
 
 
 def period_specs(cfg: ModelConfig) -> tuple[BlockSpec, ...]:
@@ -79,7 +94,8 @@ def period_specs(cfg: ModelConfig) -> tuple[BlockSpec, ...]:
   moe_every = cfg.moe.moe_every if cfg.moe.num_experts else 1
   blocks = []
   for i in range(layer_period(cfg)):
-    local = cfg.local_layers > 0 and (i % attn_period) < cfg.local_layers
+    # local_layers -1: every layer slides.
+    local = cfg.local_layers < 0 or (cfg.local_layers > 0 and (i % attn_period) < cfg.local_layers)
     is_moe = cfg.moe.num_experts > 0 and (i + 1) % moe_every == 0
     blocks.append(_block(cfg, _attention(cfg, cfg.window if local else 0),
                          _feed_forward(cfg, is_moe)))
@@ -95,6 +111,7 @@ def embedder_spec(cfg: ModelConfig) -> EmbedderSpec:
       d_model=cfg.d_model, patch_dims=dims, encoder=encoder,
       encoder_layers=cfg.encoder_layers,
       freeze_encoders=cfg.freeze_encoder and cfg.encoder_layers > 0, norm_eps=cfg.norm_eps,
+      norm_plus_one=cfg.norm_plus_one, embed_scale=cfg.embed_scale,
       compute_dtype=resolve_compute_dtype(cfg.compute_dtype), param_dtype=cfg.param_dtype)
 
 
@@ -108,6 +125,7 @@ def decoder_spec(cfg: ModelConfig) -> DecoderSpec:
       vocab_size=cfg.vocab_size, d_model=cfg.d_model, period=period,
       num_groups=cfg.num_layers // len(period), embedder=embedder_spec(cfg),
       tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std, norm_eps=cfg.norm_eps,
+      norm_plus_one=cfg.norm_plus_one, final_softcap=cfg.final_softcap,
       remat=cfg.remat, scan_layers=cfg.scan_layers,
       compute_dtype=resolve_compute_dtype(cfg.compute_dtype), param_dtype=cfg.param_dtype)
 

@@ -80,17 +80,17 @@ def write(cache: KVCache, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array, index_BxT:
 
 
 def attend(q_BxTxHxK: jax.Array, cache: KVCache, q_index_BxT: jax.Array, *,
-           window: int = 0) -> jax.Array:
+           window: int = 0, softcap: float = 0.0) -> jax.Array:
   """Attention of new queries over the cache, merged across the context axis."""
   mesh = _mesh_or_none()
   if mesh is None:
-    return cache_lib.attend(q_BxTxHxK, cache, q_index_BxT, window=window)
+    return cache_lib.attend(q_BxTxHxK, cache, q_index_BxT, window=window, softcap=softcap)
   B, T, H, _ = q_BxTxHxK.shape
   _, G, S, _ = cache.k_BxGxSxK.shape
   batch, seq, heads = _specs(mesh, B, S, H, G)
 
   def body(q, c, qi):
-    stats = cache_lib.attend_stats(q, c, qi, window=window)
+    stats = cache_lib.attend_stats(q, c, qi, window=window, softcap=softcap)
     if seq:
       stats = cache_lib.rescale(stats, jax.lax.pmax(stats.m_BxTxH, seq))
       stats = cache_lib.Stats(jax.lax.psum(stats.o_BxTxHxK, seq), stats.m_BxTxH,

@@ -54,15 +54,19 @@ def _ring_perm(n: int) -> list[tuple[int, int]]:
   return [(i, (i + 1) % n) for i in range(n)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _ring_core(q_c, k_c, v_c, q_meta, kv_meta, axis_name, n, causal, window, scale):
-  out, _ = _ring_fwd(q_c, k_c, v_c, q_meta, kv_meta, axis_name, n, causal, window, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _ring_core(q_c, k_c, v_c, q_meta, kv_meta, axis_name, n, causal, window, scale,
+               softcap=0.0):
+  out, _ = _ring_fwd(q_c, k_c, v_c, q_meta, kv_meta, axis_name, n, causal, window, scale,
+                     softcap)
   return out
 
 
-def _ring_fwd(q_c, k_c, v_c, q_meta, kv_meta, axis_name, n, causal, window, scale):
+def _ring_fwd(q_c, k_c, v_c, q_meta, kv_meta, axis_name, n, causal, window, scale,
+              softcap=0.0):
   perm = _ring_perm(n)
-  chunk = functools.partial(flash.fwd_chunks, causal=causal, window=window, scale=scale)
+  chunk = functools.partial(flash.fwd_chunks, causal=causal, window=window, scale=scale,
+                            softcap=softcap)
 
   def step(carry, _):
     stats, (k, v, kvm) = carry
@@ -78,11 +82,12 @@ def _ring_fwd(q_c, k_c, v_c, q_meta, kv_meta, axis_name, n, causal, window, scal
   return out, (q_c, k_c, v_c, q_meta, kv_meta, out, lse)
 
 
-def _ring_bwd(axis_name, n, causal, window, scale, res, do_c):
+def _ring_bwd(axis_name, n, causal, window, scale, softcap, res, do_c):
   q_c, k_c, v_c, q_meta, kv_meta, out, lse = res
   perm = _ring_perm(n)
   delta = flash.out_delta(out, do_c)
-  chunk = functools.partial(flash.bwd_chunks, causal=causal, window=window, scale=scale)
+  chunk = functools.partial(flash.bwd_chunks, causal=causal, window=window, scale=scale,
+                            softcap=softcap)
 
   def step(carry, _):
     dq, (k, v, kvm), (dk, dv) = carry
@@ -109,7 +114,7 @@ _ring_core.defvjp(_ring_fwd, _ring_bwd)
 
 
 def _local_attention(q, k, v, q_seg, q_blk, q_idx, kv_seg, kv_blk, kv_idx, *, axis_name, n,
-                     causal, window, block):
+                     causal, window, block, softcap=0.0):
   """Per-device body: chunk, run the ring (n > 1) or one local pass, unchunk."""
   T, K = q.shape[1], q.shape[-1]
   if n > 1 and HALF_CHUNKS:
@@ -122,14 +127,16 @@ def _local_attention(q, k, v, q_seg, q_blk, q_idx, kv_seg, kv_blk, kv_idx, *, ax
       q, k, v, MaskInfo(q_seg, q_blk, q_idx), MaskInfo(kv_seg, kv_blk, kv_idx),
       block_q=block, block_k=block)
   if n > 1:
-    o_c = _ring_core(q_c, k_c, v_c, q_meta, kv_meta, axis_name, n, causal, window, K ** -0.5)
+    o_c = _ring_core(q_c, k_c, v_c, q_meta, kv_meta, axis_name, n, causal, window,
+                     K ** -0.5, softcap)
   else:
-    o_c = flash.blockwise_core(q_c, k_c, v_c, q_meta, kv_meta, causal, window, K ** -0.5)
+    o_c = flash.blockwise_core(q_c, k_c, v_c, q_meta, kv_meta, causal, window, K ** -0.5,
+                               softcap)
   return flash.q_from_chunks(o_c, T)
 
 
 def _mapped(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask, *, mesh, n, axis_name, causal,
-            window, block):
+            window, block, softcap=0.0):
   """Runs `_local_attention` under shard_map: batch, heads and (n > 1) sequence split."""
   B, T, H, _ = q_BxTxHxK.shape
   G = k_BxSxGxK.shape[2]
@@ -148,7 +155,7 @@ def _mapped(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask, *, mesh, n, axis_nam
     raise ValueError(f'ring attention: sequence length {T} is not divisible by the '
                      f"'{axis_name}' mesh axis of size {n}")
   body = functools.partial(_local_attention, axis_name=axis_name, n=n, causal=causal,
-                           window=window, block=block)
+                           window=window, block=block, softcap=softcap)
   tok = P(batch, seq)
   fn = jax.shard_map(body, mesh=mesh,
                      in_specs=(P(batch, seq, heads, None), P(batch, seq, kv_heads, None),
@@ -160,7 +167,7 @@ def _mapped(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask, *, mesh, n, axis_nam
 
 def sharded_blockwise(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
                       mask, *, kv_mask=None, causal: bool = True, window: int = 0,
-                      block: int = flash.DEFAULT_BLOCK) -> jax.Array:
+                      block: int = flash.DEFAULT_BLOCK, softcap: float = 0.0) -> jax.Array:
   """Blockwise attention, each device on its batch/head shard (no sequence split).
 
   Without a mesh (or on a 1-device one) this is `flash.blockwise_attention`.
@@ -173,15 +180,16 @@ def sharded_blockwise(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax
   if mesh is None or mesh.size == 1:
     return flash.blockwise_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask=kv_mask,
                                      causal=causal, window=window, block_q=block,
-                                     block_k=block)
+                                     block_k=block, softcap=softcap)
   return _mapped(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, kv_mask, mesh=mesh, n=1,
-                 axis_name=CONTEXT_AXIS, causal=causal, window=window, block=block)
+                 axis_name=CONTEXT_AXIS, causal=causal, window=window, block=block,
+                 softcap=softcap)
 
 
 def ring_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
                    mask, *, causal: bool = True, window: int = 0,
                    block: int = flash.DEFAULT_BLOCK,
-                   axis_name: str = CONTEXT_AXIS) -> jax.Array:
+                   axis_name: str = CONTEXT_AXIS, softcap: float = 0.0) -> jax.Array:
   """Self-attention with the sequence split over `axis_name` of the current mesh.
 
   Without a mesh (or a 1-device one) this is `flash.blockwise_attention`;
@@ -191,7 +199,9 @@ def ring_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Ar
   mesh = current_mesh()
   if mesh is None or mesh.size == 1:
     return flash.blockwise_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, causal=causal,
-                                     window=window, block_q=block, block_k=block)
+                                     window=window, block_q=block, block_k=block,
+                                     softcap=softcap)
   n = dict(mesh.shape).get(axis_name, 1)
   return _mapped(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, mask, mesh=mesh, n=n,
-                 axis_name=axis_name, causal=causal, window=window, block=block)
+                 axis_name=axis_name, causal=causal, window=window, block=block,
+                 softcap=softcap)

@@ -15,7 +15,7 @@ _EXPORTS = {
     'AudioTokenizer': 'audio', 'AudioTokens': 'audio',
     'ImageTokenizer': 'image', 'ImageTokens': 'image', 'image_grid': 'image',
     'patchify': 'image', 'unpatchify': 'image',
-    'ByteTokenizer': 'text', 'SentencePieceTokenizer': 'text',
+    'ByteTokenizer': 'text', 'HFTokenizer': 'text', 'SentencePieceTokenizer': 'text',
     'load_text_tokenizer': 'text', 'train_sentencepiece': 'text',
     'VideoTokenizer': 'video', 'VideoTokens': 'video',
     'SPECIAL_NAMES': 'vocab', 'VocabLayout': 'vocab',

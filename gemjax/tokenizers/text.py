@@ -1,22 +1,25 @@
-"""Text tokenizers: UTF-8 bytes (no dependencies) and SentencePiece.
+"""Text tokenizers: UTF-8 bytes (no dependencies), SentencePiece and Hugging Face.
 
-Both map a str to int32 ids in [0, layout.text_size) and back, and carry the
+Each maps a str to int32 ids in [0, layout.text_size) and back, and carries the
 `VocabLayout` that places special tokens and image codes after the text ids.
-Neither adds bos/eos: the sequence builder adds the layout's own ids, so the
-same code path serves a byte model, a freshly trained SentencePiece model and a
-user's Gemma/Llama `.model` file.
+None adds bos/eos: the sequence builder adds the layout's own ids, so the
+same code path serves a byte model, a freshly trained SentencePiece model, a
+user's Gemma/Llama `.model` file and a Hugging Face model's `tokenizer.json`.
+`load_text_tokenizer` turns the config's `data.tokenizer` into one of them.
 
 Train a SentencePiece model from a corpus (one document per line is fine):
 
     python -m gemjax.tokenizers.text train --input corpus.txt \
         --vocab-size 8000 --out /tmp/spm   # writes /tmp/spm.model, .vocab
 
-This module imports numpy, sentencepiece (lazily) and gemjax.errors.
+This module imports numpy, sentencepiece and tokenizers (both lazily) and
+gemjax.errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Protocol, Sequence
@@ -127,15 +130,154 @@ class SentencePieceTokenizer:
             f'text_size={self.layout.text_size})')
 
 
-def load_text_tokenizer(spec: str,
-                        num_image_codes: int = 0) -> ByteTokenizer | SentencePieceTokenizer:
-  """'bytes' -> ByteTokenizer; a path to a `.model` file -> SentencePiece."""
+HF_TOKENIZER_FILE = 'tokenizer.json'  # its name in a Hugging Face model folder
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizers` tokenizer: a model's `tokenizer.json`.
+
+  The text range is the whole pretrained vocabulary, added tokens included
+  (<s>, <|begin_of_text|>, chat markers, ...): text_size is
+  `get_vocab_size(with_added_tokens=True)`, or max id + 1 if the file's ids
+  have gaps, so gemjax's special tokens and image codes come after every id
+  the file can produce.
+
+  encode calls the tokenizer with `add_special_tokens=False`: the file's
+  post-processor (e.g. Llama's leading <|begin_of_text|>) is not applied, the
+  sequence builder adds the layout's own bos/eos. An added token written
+  literally in the text ('</s>') still encodes to its id, as in transformers.
+  Truncation and padding saved in the file are switched off: a long record is
+  never cut silently (the builder's max_length rejects it instead).
+
+  decode drops ids outside [0, text_size) (gemjax specials, image codes), like
+  the other tokenizers, and keeps the file's own special tokens
+  (skip_special_tokens=False, transformers' default), so decode(encode(s)) == s
+  for a lossless tokenizer (byte-level BPE, or BPE with byte fallback).
+
+  Args:
+    tokenizer: path of a tokenizer.json file, or its contents as bytes.
+    num_image_codes: size of the image-code range of the layout.
+  """
+
+  def __init__(self, tokenizer: str | os.PathLike | bytes, num_image_codes: int = 0):
+    if isinstance(tokenizer, bytes):
+      data, self.path = tokenizer, None
+    else:
+      self.path = os.fspath(tokenizer)
+      try:
+        with open(self.path, 'rb') as f:
+          data = f.read()
+      except OSError as e:
+        raise ConfigError(f'text tokenizer: cannot read Hugging Face tokenizer '
+                          f'{self.path!r}: {e}') from None
+    self._json = data
+    self._tok = _parse_hf_tokenizer(data, self.path or '<bytes>')
+    self._tok.no_truncation()
+    self._tok.no_padding()
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    text_size = max(self._tok.get_vocab_size(with_added_tokens=True),
+                    max(vocab.values(), default=-1) + 1)
+    self.layout = VocabLayout(int(text_size), num_image_codes)
+
+  @property
+  def tokenizer(self):
+    """The underlying `tokenizers.Tokenizer`."""
+    return self._tok
+
+  def encode(self, text: str, *, source: str = '<text>') -> np.ndarray:
+    ids = self._tok.encode(_check_text(text, source), add_special_tokens=False).ids
+    return np.asarray(ids, np.int32)
+
+  def decode(self, ids) -> str:
+    return self._tok.decode(_text_ids(ids, self.layout.text_size).tolist(),
+                            skip_special_tokens=False)
+
+  def id_to_piece(self, i: int) -> str:
+    return self._tok.id_to_token(int(i))
+
+  # A `tokenizers.Tokenizer` pickles, but through its own JSON anyway; keep the
+  # file's bytes so that a worker rebuilds exactly what the parent loaded.
+  def __getstate__(self):
+    return {'json': self._json, 'path': self.path,
+            'num_image_codes': self.layout.num_image_codes}
+
+  def __setstate__(self, state):
+    self.__init__(state['json'], state['num_image_codes'])
+    self.path = state['path']
+
+  def __repr__(self):
+    return (f'HFTokenizer({self.path or "<bytes>"!r}, '
+            f'text_size={self.layout.text_size})')
+
+
+def _parse_hf_tokenizer(data: bytes, where: str):
+  """tokenizer.json bytes -> `tokenizers.Tokenizer`; ConfigError naming `where`."""
+  what = f'text tokenizer: {where!r} is not a Hugging Face tokenizer.json'
+  try:
+    spec = json.loads(data.decode('utf-8-sig'))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f'{what}: not valid JSON ({e})') from None
+  if not isinstance(spec, dict) or not isinstance(spec.get('model'), dict):
+    found = (f'keys {sorted(spec)[:8]}' if isinstance(spec, dict)
+             else f'a JSON {type(spec).__name__}')
+    hint = ''
+    if isinstance(spec, dict) and ('tokenizer_class' in spec or 'model_type' in spec):
+      hint = (f'; this looks like tokenizer_config.json / config.json: pass the '
+              f'{HF_TOKENIZER_FILE} next to it, or the model folder')
+    raise ConfigError(f'{what}: expected an object with a "model" section, found '
+                      f'{found}{hint}')
+  try:
+    from tokenizers import Tokenizer
+  except ImportError as e:
+    raise ConfigError(f'text tokenizer {where!r}: reading a tokenizer.json needs the '
+                      f'`tokenizers` package (pip install tokenizers): {e}') from None
+  try:
+    return Tokenizer.from_str(data.decode('utf-8-sig'))
+  except Exception as e:  # tokenizers raises a bare Exception on bad fields
+    raise ConfigError(f'text tokenizer: the tokenizers library cannot load {where!r} '
+                      f'as a tokenizer.json: {e}') from None
+
+
+def _looks_like_json(path: str) -> bool:
+  """True if the file starts with '{' (after a BOM / whitespace): a SentencePiece
+  model is a binary protobuf and never does."""
+  with open(path, 'rb') as f:
+    head = f.read(64)
+  return head.removeprefix(b'\xef\xbb\xbf').lstrip().startswith(b'{')
+
+
+def load_text_tokenizer(spec: str | os.PathLike, num_image_codes: int = 0) -> TextTokenizer:
+  """The text tokenizer a config's `data.tokenizer` names.
+
+    'bytes'                                  -> ByteTokenizer
+    a SentencePiece `.model` file            -> SentencePieceTokenizer
+    a Hugging Face `tokenizer.json` (a file
+      named *.json or holding JSON), or a
+      folder holding one (a model download)   -> HFTokenizer
+  """
+  spec = os.fspath(spec)
   if spec == 'bytes':
     return ByteTokenizer(num_image_codes)
+  if os.path.isdir(spec):
+    path = os.path.join(spec, HF_TOKENIZER_FILE)
+    if os.path.isfile(path):
+      return HFTokenizer(path, num_image_codes)
+    spm_path = os.path.join(spec, 'tokenizer.model')
+    hint = (f'; it has a SentencePiece model: set the tokenizer to {spm_path!r}'
+            if os.path.isfile(spm_path) else '')
+    raise ConfigError(f'text tokenizer {spec!r}: the folder has no '
+                      f'{HF_TOKENIZER_FILE}{hint}')
   if os.path.isfile(spec):
+    try:
+      is_json = spec.lower().endswith('.json') or _looks_like_json(spec)
+    except OSError as e:
+      raise ConfigError(f'text tokenizer: cannot read {spec!r}: {e}') from None
+    if is_json:
+      return HFTokenizer(spec, num_image_codes)
     return SentencePieceTokenizer(spec, num_image_codes)
-  raise ConfigError(f'text tokenizer {spec!r}: expected "bytes" or the path of '
-                    f'an existing SentencePiece .model file')
+  raise ConfigError(f'text tokenizer {spec!r}: no such file or folder; expected '
+                    f'"bytes", the path of an existing SentencePiece .model file, '
+                    f'or of a Hugging Face tokenizer.json (or a folder holding one)')
 
 
 def train_sentencepiece(inputs: str | Sequence[str], vocab_size: int, out_prefix: str, *,
@@ -186,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   tr.add_argument('--no-byte-fallback', action='store_true')
   tr.add_argument('--threads', type=int, default=1)
   enc = sub.add_parser('encode', help='print the ids of a string')
-  enc.add_argument('--tokenizer', default='bytes', help="'bytes' or a .model path")
+  enc.add_argument('--tokenizer', default='bytes',
+                   help="'bytes', a SentencePiece .model or a tokenizer.json path")
   enc.add_argument('text')
   args = parser.parse_args(argv)
   if args.cmd == 'train':

@@ -14,9 +14,10 @@ The special tokens, in order from `text_size`:
 `placeholder` marks a position whose embedding is not looked up in the table
 but scattered in from a continuous patch embedding (see `gemjax/batch.py`).
 Text tokenizers never emit their own bos/eos/pad: a SentencePiece model's
-control pieces stay inside the text range but gemjax uses the ids above, so a
-layout is a pure function of (text_size, num_image_codes) and the model config's
-`vocab_size` must equal `VocabLayout.size`.
+control pieces (a tokenizer.json's added tokens) stay inside the text range
+but gemjax uses the ids above, so a layout is a pure function of
+(text_size, num_image_codes) and the model config's `vocab_size` must equal
+`VocabLayout.size`.
 
 This module imports only the standard library.
 """

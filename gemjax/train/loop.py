@@ -132,7 +132,9 @@ class Trainer:
   def create(cls, cfg: config_lib.Config) -> 'Trainer':
     mesh = build_mesh(cfg)
     mdef = state_lib.model_def(cfg.model)
-    tx = state_lib.optimizer_for(cfg, mdef)
+    loaded = (ckpt_lib.loaded_extent(cfg.checkpoint.init_from, mdef.abstract_params)
+              if cfg.checkpoint.freeze_loaded_steps else None)
+    tx = state_lib.optimizer_for(cfg, mdef, loaded)
     schedule = state_lib.lr_schedule(cfg.optimizer, cfg.train.steps)
     data_iter = data_registry.make_iterator(cfg, 'train', jax.process_index(),
                                             jax.process_count())
@@ -148,7 +150,11 @@ class Trainer:
       start = int(state['step'])
     else:
       state = state_lib.init_state(cfg.model, mdef, tx, mesh, cfg.train.seed)
-      if c.init_from:
+      if c.init_from and c.init_partial:
+        state['params'] = ckpt_lib.load_params_partial(c.init_from, state['params'])
+        log.info('initialised parameters from %s; new parameters and vocabulary rows '
+                 'freshly initialised (fresh optimizer)', c.init_from)
+      elif c.init_from:
         params = ckpt_lib.load_params(c.init_from,
                                       state_lib.abstract_state(mdef, tx, mesh)['params'])
         state['params'] = params

@@ -13,7 +13,7 @@ room never names a model path.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -135,10 +135,51 @@ def make_optimizer(opt_cfg, total_steps: int, groups: ParamGroups) -> optax.Grad
   return optax.chain(*chain)
 
 
-def optimizer_for(cfg, mdef: ModelDef | None = None) -> optax.GradientTransformation:
-  """The run's optimizer: AdamW + the model's parameter groups."""
+def optimizer_for(cfg, mdef: ModelDef | None = None,
+                  loaded: dict[str, int] | None = None) -> optax.GradientTransformation:
+  """The run's optimizer: AdamW + the model's parameter groups (+ the
+  fine-tuning freeze of what `checkpoint.init_from` provided, `loaded` being
+  `checkpoint.loaded_extent`'s answer)."""
   mdef = model_def(cfg.model) if mdef is None else mdef
-  return make_optimizer(cfg.optimizer, cfg.train.steps, mdef.groups)
+  tx = make_optimizer(cfg.optimizer, cfg.train.steps, mdef.groups)
+  steps = cfg.checkpoint.freeze_loaded_steps
+  if steps and loaded is not None:
+    tx = optax.chain(tx, freeze_loaded(loaded, steps))
+  return tx
+
+
+class FreezeState(NamedTuple):
+  count: jax.Array
+
+
+def freeze_loaded(loaded: dict[str, int], steps: int) -> optax.GradientTransformation:
+  """Zero updates, for the first `steps` steps, on what a fine-tuning run
+  loaded: `loaded[key]` leading entries (vocabulary rows for the embedding
+  and head, the whole parameter otherwise; 0 = a new parameter, trained).
+  Counts its own steps, so a resumed run keeps the schedule."""
+  vocab_axes = {'embedding_VxD': 0, 'head_DxV': 1}
+
+  def init(params):
+    del params
+    return FreezeState(jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    frozen_now = state.count < steps
+
+    def mask(path, u):
+      key = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+      n = loaded.get(key, 0)
+      if n == 0:
+        return u
+      axis = vocab_axes.get(key.split('/')[-1], 0)
+      idx = jax.lax.broadcasted_iota(jnp.int32, u.shape, axis)
+      return jnp.where(frozen_now & (idx < n), jnp.zeros_like(u), u)
+
+    return (jax.tree_util.tree_map_with_path(mask, updates),
+            FreezeState(state.count + 1))
+
+  return optax.GradientTransformation(init, update)
 
 
 def state_shardings(mdef: ModelDef, tx, mesh) -> dict:

@@ -6,8 +6,9 @@ import is still a dependency) with `ast`, so nothing is executed. Floors:
     0  errors, config, batch, kernels/, parallel/axes   the ground
     1  tokenizers/, parallel/                            above the ground (parallel above kernels)
     2  model/ | data/                                    side by side: neither imports the other
-    3  train/  <  4  inference/  <  5  eval/             on top (eval uses train's state
-                                                         and checkpoints, never the reverse)
+    3  train/  <  4  inference/ | convert/  <  5  eval/   on top (eval uses train's state
+                                                         and checkpoints, never the reverse;
+                                                         convert writes train's checkpoints)
 """
 
 import ast
@@ -57,8 +58,8 @@ def floor(module: str) -> tuple[int, str]:
     return 1, top
   if top in ('model', 'data'):
     return 2, top
-  if top in ('train', 'inference', 'eval'):
-    return {'train': 3, 'inference': 4, 'eval': 5}[top], top
+  if top in ('train', 'inference', 'convert', 'eval'):
+    return {'train': 3, 'inference': 4, 'convert': 4, 'eval': 5}[top], top
   return 0, top     # gemjax/__init__.py
 
 

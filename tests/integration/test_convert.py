@@ -1,0 +1,196 @@
+"""Hugging Face interop: gemjax.convert against transformers' own models.
+
+Small random models of each family are built with transformers at test time
+(no download), saved as safetensors, imported, run by gemjax and compared
+with transformers' logits on the same tokens (float32, atol 1e-4), exported
+back (bit-exact tensors), and reloaded by transformers.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from gemjax import convert
+from gemjax.batch import text_batch
+from gemjax.errors import CheckpointError, ConfigError
+from gemjax.parallel import sharding as shd
+from gemjax.train import restore
+
+ATOL = 1e-4
+SEQ = 24
+VOCAB = 320
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+FAMILIES = {
+    'llama': lambda: transformers.LlamaConfig(
+        **COMMON, num_hidden_layers=2, tie_word_embeddings=False,
+        rope_parameters={'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 8.0,
+                         'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                         'original_max_position_embeddings': 16}),
+    'mistral': lambda: transformers.MistralConfig(
+        **COMMON, num_hidden_layers=2, sliding_window=8, tie_word_embeddings=False),
+    'mixtral': lambda: transformers.MixtralConfig(
+        **COMMON, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+        tie_word_embeddings=False),
+    'gemma': lambda: transformers.GemmaConfig(**COMMON, num_hidden_layers=2, head_dim=16),
+    'gemma2': lambda: transformers.Gemma2Config(
+        **COMMON, num_hidden_layers=4, head_dim=16, sliding_window=8,
+        query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
+    'gemma3_text': lambda: transformers.Gemma3TextConfig(
+        **COMMON, num_hidden_layers=4, head_dim=16, sliding_window=8,
+        layer_types=['sliding_attention', 'full_attention'] * 2, query_pre_attn_scalar=24,
+        rope_parameters={'full_attention': {'rope_type': 'linear', 'factor': 2.0,
+                                            'rope_theta': 1e6},
+                         'sliding_attention': {'rope_type': 'default', 'rope_theta': 1e4}}),
+}
+
+
+def _randomize(model: torch.nn.Module, plus_one: bool, seed: int) -> None:
+  """Weights at the scale of a trained model (the default init leaves norms
+  at identity and logits near zero, which would hide convention errors)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1:   # norm scales: around identity in the family's convention
+        p.copy_((0.0 if plus_one else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
+      elif 'embed_tokens' in name:
+        p.copy_(torch.randn(p.shape, generator=g))
+      else:
+        p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+
+def _hf_model(family: str, directory: str, dtype=torch.float32):
+  cfg = FAMILIES[family]()
+  cfg._attn_implementation = 'eager'
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  _randomize(model, plus_one=family.startswith('gemma'), seed=1)
+  model.to(dtype).save_pretrained(directory)
+  return model.float()
+
+
+def _tokens(seed=0, batch=8):
+  return np.random.default_rng(seed).integers(0, VOCAB, (batch, SEQ)).astype(np.int32)
+
+
+def _hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.from_numpy(tokens.astype(np.int64))).logits.float().numpy()
+
+
+def _gemjax_logits(run_dir, tokens, overrides=()):
+  cfg = restore.resolve_config(os.path.join(run_dir, 'gemjax.yaml'),
+                               [f'eval.checkpoint={run_dir}', *overrides])
+  params, mdef, mesh = restore.load_for_eval(cfg)
+  with shd.use_mesh(mesh):
+    model = nnx.merge(mdef.graphdef, params)
+    logits, _, _ = model(text_batch(tokens))
+  return np.asarray(logits)
+
+
+@pytest.fixture(scope='module', params=sorted(FAMILIES))
+def imported(request, tmp_path_factory):
+  family = request.param
+  root = tmp_path_factory.mktemp(family)
+  hf_dir, run_dir = str(root / 'hf'), str(root / 'gemjax')
+  model = _hf_model(family, hf_dir)
+  convert.import_hf(hf_dir, run_dir)
+  return family, model, hf_dir, run_dir
+
+
+def test_logits_equal_transformers(imported):
+  family, model, _, run_dir = imported
+  tokens = _tokens()
+  want = _hf_logits(model, tokens)
+  got = _gemjax_logits(run_dir, tokens)
+  assert got.shape == want.shape
+  err = float(np.max(np.abs(got - want)))
+  print(f'{family}: max |logit diff| = {err:.2e} (logit std {want.std():.2f})')
+  assert want.std() > 0.5, 'the test model is too close to trivial to compare'
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def _tensors(directory):
+  index = os.path.join(directory, 'model.safetensors.index.json')
+  files = (sorted(set(json.load(open(index))['weight_map'].values())) if os.path.exists(index)
+           else ['model.safetensors'])
+  out = {}
+  for name in files:
+    with safe_open(os.path.join(directory, name), framework='np') as f:
+      for k in f.keys():
+        out[k] = f.get_tensor(k)
+  return out
+
+
+def test_export_round_trips_bit_exactly_and_loads_in_transformers(imported, tmp_path):
+  family, model, hf_dir, run_dir = imported
+  out = str(tmp_path / 'exported')
+  # A small shard limit: the sharded layout and its index are exercised too.
+  convert.export_hf(run_dir, out, max_shard_gb=64 / 2 ** 20)
+  assert os.path.exists(os.path.join(out, 'model.safetensors.index.json'))
+  src, dst = _tensors(hf_dir), _tensors(out)
+  assert sorted(src) == sorted(dst)
+  for k in src:
+    assert src[k].dtype == dst[k].dtype and src[k].shape == dst[k].shape, k
+    assert src[k].tobytes() == dst[k].tobytes(), f'{k} differs after import -> export'
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      out, attn_implementation='eager').eval()
+  tokens = _tokens(seed=1, batch=2)
+  np.testing.assert_array_equal(_hf_logits(reloaded, tokens), _hf_logits(model, tokens))
+
+
+def test_bfloat16_checkpoint_round_trips_through_float32(tmp_path):
+  hf_dir, run_dir, out = (str(tmp_path / n) for n in ('hf', 'gemjax', 'out'))
+  _hf_model('llama', hf_dir, dtype=torch.bfloat16)
+  convert.import_hf(hf_dir, run_dir, param_dtype='float32')
+  convert.export_hf(run_dir, out)   # the source dtype (bfloat16) by default
+  src, dst = _tensors(hf_dir), _tensors(out)
+  for k in src:
+    assert str(dst[k].dtype) == 'bfloat16' and src[k].tobytes() == dst[k].tobytes(), k
+
+
+def test_unsupported_architecture_names_the_file(tmp_path):
+  d = tmp_path / 'qwen'
+  d.mkdir()
+  (d / 'config.json').write_text(json.dumps({'model_type': 'gpt2'}))
+  save_file({'x': np.zeros(2, np.float32)}, str(d / 'model.safetensors'))
+  with pytest.raises(ConfigError, match=r"config.json: model_type 'gpt2' is not supported"):
+    convert.import_hf(str(d), str(tmp_path / 'out'))
+
+
+def test_missing_tensor_names_the_file_and_tensor(imported, tmp_path):
+  family, _, hf_dir, _ = imported
+  if family != 'llama':
+    pytest.skip('one family is enough')
+  broken = tmp_path / 'broken'
+  broken.mkdir()
+  tensors = _tensors(hf_dir)
+  del tensors['model.layers.1.mlp.up_proj.weight']
+  save_file(tensors, str(broken / 'model.safetensors'))
+  (broken / 'config.json').write_text(open(os.path.join(hf_dir, 'config.json')).read())
+  with pytest.raises(CheckpointError,
+                     match=r"broken: tensor 'model.layers.1.mlp.up_proj.weight' is missing"):
+    convert.import_hf(str(broken), str(tmp_path / 'out'))
+
+
+def test_a_newer_checkpoint_format_is_refused_naming_both_versions(imported, tmp_path):
+  family, _, _, run_dir = imported
+  if family != 'llama':
+    pytest.skip('one family is enough')
+  import shutil
+  copy = str(tmp_path / 'future')
+  shutil.copytree(run_dir, copy)
+  meta_file = os.path.join(copy, '0', 'meta', 'metadata')
+  meta = json.load(open(meta_file))
+  meta['format_version'] = 99
+  json.dump(meta, open(meta_file, 'w'))
+  with pytest.raises(CheckpointError, match=r'format_version 99 .* reads versions \[0, 1\]'):
+    _gemjax_logits(copy, _tokens(batch=8))
