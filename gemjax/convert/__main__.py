@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    choices=['float32', 'bfloat16', 'float16'])
   imp.add_argument('--overwrite', action='store_true',
                    help='replace out_dir if it is not empty')
+  imp.add_argument('--finetune', metavar='PRESET', default='',
+                   help='also write out_dir/finetune.yaml from this preset (e.g. '
+                        'configs/finetune-multimodal.yaml): python train.py it')
   exp = sub.add_parser('export', help='gemjax checkpoint -> HF model folder')
   exp.add_argument('checkpoint', help='gemjax run directory or step directory')
   exp.add_argument('out_dir', help='new HF model folder')
@@ -45,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       m = cfg.model
       print(f'wrote {args.out_dir}: {m.num_layers} layers, d_model {m.d_model}, vocab '
             f'{m.vocab_size}; config {args.out_dir}/gemjax.yaml')
+      if args.finetune:
+        path = convert.finetune_config(args.out_dir, args.finetune)
+        print(f'wrote {path}: python train.py {path}')
     else:
       hf = convert.export_hf(args.checkpoint, args.out_dir, dtype=args.dtype,
                              vocab_size=args.vocab_size, max_shard_gb=args.max_shard_gb,

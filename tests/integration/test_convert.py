@@ -166,10 +166,17 @@ def test_unsupported_architecture_names_the_file(tmp_path):
     convert.import_hf(str(d), str(tmp_path / 'out'))
 
 
-def test_missing_tensor_names_the_file_and_tensor(imported, tmp_path):
-  family, _, hf_dir, _ = imported
-  if family != 'llama':
-    pytest.skip('one family is enough')
+@pytest.fixture(scope='module')
+def llama(tmp_path_factory):
+  root = tmp_path_factory.mktemp('llama_errors')
+  hf_dir, run_dir = str(root / 'hf'), str(root / 'gemjax')
+  _hf_model('llama', hf_dir)
+  convert.import_hf(hf_dir, run_dir)
+  return hf_dir, run_dir
+
+
+def test_missing_tensor_names_the_file_and_tensor(llama, tmp_path):
+  hf_dir, _ = llama
   broken = tmp_path / 'broken'
   broken.mkdir()
   tensors = _tensors(hf_dir)
@@ -181,10 +188,8 @@ def test_missing_tensor_names_the_file_and_tensor(imported, tmp_path):
     convert.import_hf(str(broken), str(tmp_path / 'out'))
 
 
-def test_a_newer_checkpoint_format_is_refused_naming_both_versions(imported, tmp_path):
-  family, _, _, run_dir = imported
-  if family != 'llama':
-    pytest.skip('one family is enough')
+def test_a_newer_checkpoint_format_is_refused_naming_both_versions(llama, tmp_path):
+  _, run_dir = llama
   import shutil
   copy = str(tmp_path / 'future')
   shutil.copytree(run_dir, copy)
@@ -194,3 +199,26 @@ def test_a_newer_checkpoint_format_is_refused_naming_both_versions(imported, tmp
   json.dump(meta, open(meta_file, 'w'))
   with pytest.raises(CheckpointError, match=r'format_version 99 .* reads versions \[0, 1\]'):
     _gemjax_logits(copy, _tokens(batch=8))
+
+
+def test_non_periodic_layer_pattern_is_refused_clearly(tmp_path):
+  hf_dir = str(tmp_path / 'hf')
+  cfg = FAMILIES['gemma3_text']()
+  cfg.layer_types = ['sliding_attention', 'sliding_attention', 'full_attention',
+                     'sliding_attention']
+  transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(hf_dir)
+  with pytest.raises(ConfigError, match=r'layer pattern .* is not whole repeats'):
+    convert.import_hf(hf_dir, str(tmp_path / 'out'))
+
+
+def test_export_refuses_gemjax_own_architecture(tmp_path):
+  from gemjax.train.loop import Trainer
+  from gemjax.config import load_config
+  cfg = load_config(None, ['train.steps=1', f'train.run_dir={tmp_path / "run"}',
+                           'checkpoint.every=1', 'train.progress_bar=false',
+                           'train.tensorboard=false'])
+  trainer = Trainer.create(cfg)
+  trainer.save(0, force=True)
+  trainer.checkpointer.close()
+  with pytest.raises(ConfigError, match='has no Hugging Face family'):
+    convert.export_hf(str(tmp_path / 'run'), str(tmp_path / 'out'))

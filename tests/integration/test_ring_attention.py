@@ -23,6 +23,7 @@ from gemjax.parallel import layouts
 from gemjax.parallel import sharding as shd
 from gemjax.train import state as st
 
+from gemjax.kernels import naive_attention
 from support import ATOL, dense_fn, make_inputs, value_and_grads, window_probe
 
 
@@ -210,4 +211,20 @@ def test_decoder_loss_and_grads_ring_zigzag_equal_dense():
   l1, g1 = grads(cfg_ring, laid, mesh_of(context=8))
   np.testing.assert_allclose(l1, l0, atol=ATOL)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, atol=ATOL)
+
+
+def test_ring_softcapped_scores_match_dense_on_a_context_mesh():
+  # The soft-cap's backward (1 - tanh^2) rides along the ring's dK/dV.
+  q, k, v, ct, info = make_inputs(T=96)
+  q = q * 3.0
+  kernel = functools.partial(ATTENTION_KERNELS['ring'], block=8, softcap=2.0)
+  with shd.use_mesh(mesh_of(data=2, context=4)):
+    got = value_and_grads(kernel, True, 0)(q, k, v, ct, info)
+  want = value_and_grads(functools.partial(naive_attention, softcap=2.0), True, 0)(
+      q, k, v, ct, info)
+  (_, o1), g1 = got
+  (_, o0), g0 = want
+  np.testing.assert_allclose(o1, o0, atol=ATOL)
+  for a, b in zip(g1, g0):
     np.testing.assert_allclose(a, b, atol=ATOL)

@@ -173,3 +173,33 @@ def test_platform_fallback_is_named_for_the_startup_log():
   assert "compute_dtype='float32'" in attn.platform_fallback(
       'cudnn', seq_len=256, head_dim=128, compute_dtype='float32', backend='gpu')
   assert fb('blockwise', backend='tpu') is None and fb('ring', backend='gpu') is None
+
+
+@pytest.mark.parametrize('kernel', ['dense', 'blockwise'])
+def test_softcapped_scores_match_autodiff_reference_values_and_grads(kernel):
+  # Gemma 2's cap * tanh(s / cap): a small cap so that it bends most scores.
+  q, k, v, ct, info = make_inputs()
+  q = q * 3.0
+  cap = 2.0
+  fn = functools.partial(ATTENTION_KERNELS[kernel], block=16, softcap=cap)
+  got = value_and_grads(fn, True, 0)(q, k, v, ct, info)
+  ref = value_and_grads(functools.partial(naive_attention, softcap=cap), True, 0)
+  want = ref(q, k, v, ct, info)
+  assert_same(got, want)
+  # ... and the cap changes the result (the option is not ignored).
+  plain = dense_fn(True, 0)(q, k, v, ct, info)
+  assert float(jnp.max(jnp.abs(plain[0][1] - want[0][1]))) > 0.1
+
+
+def test_softcapped_decode_over_the_cache_equals_the_kernel():
+  from gemjax.kernels import cache as cache_lib
+  q, k, v, _, info = make_inputs()
+  q = q * 3.0
+  B, T = q.shape[:2]
+  c = cache_lib.init_cache(B, T, k.shape[2], k.shape[3], jnp.float32)
+  c = cache_lib.write(c, k, v, info.index_BxT, jnp.ones((B, T), bool))
+  seg1 = jnp.ones((B, T), jnp.int32)
+  one_doc = info._replace(segment_ids_BxT=seg1, block_ids_BxT=0 * seg1)
+  want = naive_attention(q, k, v, one_doc, causal=True, softcap=2.0)
+  got = cache_lib.attend(q, c, info.index_BxT, softcap=2.0)
+  np.testing.assert_allclose(got, want, atol=ATOL)

@@ -170,3 +170,17 @@ def test_print_config_prints_the_resolved_yaml_and_builds_nothing(entry, tmp_pat
   assert printed.model.num_layers == 8 and printed.data.datasets[0].weight == 3.0
   assert printed.train.steps == 2000     # from the preset
   assert not run_dir.exists()            # no trainer, no checkpoint directory
+
+
+@pytest.mark.parametrize('overrides, key', [
+    (['model.attention=splash', 'model.attn_softcap=50'], 'model.attn_softcap'),
+    (['model.mlp_activation=relu'], 'model.mlp_activation'),
+    (['model.rope_scaling.kind=yarn'], 'model.rope_scaling.kind'),
+    (['model.moe.num_experts=4', 'model.mlp_activation=gelu_tanh'], 'model.mlp_activation'),
+    (['checkpoint.freeze_loaded_steps=5'], 'checkpoint.freeze_loaded_steps'),
+    (['checkpoint.init_partial=true'], 'checkpoint.init_partial'),
+    (['model.local_layers=-2', 'model.window=8'], 'model.local_layers'),
+])
+def test_pretrained_family_and_finetune_options_are_validated(overrides, key):
+  with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
+    load_config(None, overrides)
