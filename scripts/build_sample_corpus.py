@@ -2,10 +2,11 @@
 
     python scripts/build_sample_corpus.py [--out data/sample] [--seed 0]
 
-Needs espeak-ng (Debian package) for speech, PyAV for mp4, scikit-learn and
-scikit-image for the images. Only this script needs them: the corpus it
-writes is committed, so training and CI read the ArrayRecord shards and never
-run a synthesiser.
+Needs espeak-ng (Debian package) for speech, the Debian packages
+asterisk-core-sounds-en-g722 and saytime for recorded human speech, PyAV for
+mp4 and G.722, scikit-learn and scikit-image for the images. Only this script
+needs them: the corpus it writes is committed, so training and CI read the
+ArrayRecord shards and never run a synthesiser or install a package.
 
 Every source item lives in exactly one split: digit images by index in
 scikit-learn's `load_digits` (the rows are grouped by writer), speech by voice
@@ -21,12 +22,20 @@ segment has predict=True):
   text_lm        [text: Python documentation] (every token predicted)
   draw_digit     "Draw the digit 7." -> [image] (the image is predicted)
   draw_name      "Draw a digit, then name it." -> [image] "7" (both predicted)
+  speech_digit_human  like speech_digit, test split only: real recordings of
+                 two people (Debian packages, HUMAN_SPEAKERS), never trained on
 
 The two draw tasks are derived from the written image_digit shards (same
 images, same order), so they can be added to an existing corpus without
 rebuilding the rest (no espeak-ng needed):
 
     python scripts/build_sample_corpus.py --only-draw-tasks
+
+Likewise the real speech, from the installed packages (or a folder where
+`dpkg-deb -x` unpacked them, --package-root):
+
+    apt-get install asterisk-core-sounds-en-g722 saytime
+    python scripts/build_sample_corpus.py --only-human-speech
 
 Imports gemjax.data.records; the optional dependencies only in here.
 """
@@ -149,7 +158,11 @@ def synth(word: str, voice: str, speed: int, pitch: int, bits: int) -> bytes:
   with wave.open(io.BytesIO(raw)) as w:
     rate = w.getframerate()
     x = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
-  y = soxr.resample(x, rate, SAMPLE_RATE)
+  return clip_wav(soxr.resample(x, rate, SAMPLE_RATE), bits)
+
+
+def clip_wav(y: np.ndarray, bits: int) -> bytes:
+  """16 kHz float samples -> WAV bytes: silence trimmed, peak at 0.9."""
   loud = np.nonzero(np.abs(y) > 0.01)[0]
   if loud.size:
     y = y[max(loud[0] - 160, 0):loud[-1] + 320]  # keep 10 ms before, 20 ms after
@@ -187,6 +200,111 @@ def speech_clips(voices: list[str], rng: np.random.Generator, bits: int) -> list
       clips.append({'digit': digit, 'voice': voice, 'speed': speed, 'pitch': pitch,
                     'wav': synth(word, voice, speed, pitch, bits)})
   return clips
+
+
+# ------------------------------------------------------------------- real speech
+
+# Recorded human voices saying the digit words, as shipped in Debian packages
+# (speaker, package, file of digit d under the package root, codec, licence).
+# Only two freely licensed speakers are installable here, so they are a test
+# set only: speech_digit_human, the model never hears these voices in training.
+HUMAN_SPEAKERS = (
+    ('allison-smith', 'asterisk-core-sounds-en-g722',
+     'usr/share/asterisk/sounds/en_US_f_Allison/digits/{digit}.g722', 'g722',
+     'CC-BY-SA-3.0, recorded by Allison Smith (Asterisk core sounds, Digium)'),
+    ('david-dawson', 'saytime', 'usr/share/saytime/{digit}.au', 'ulaw8k',
+     'GPL, recorded by David C Dawson (saytime sound files)'),
+)
+HUMAN_TASK = 'speech_digit_human'
+HUMAN_SPLIT = 'test'
+
+
+def read_human_clip(path: str, codec: str) -> tuple[np.ndarray, int]:
+  """(mono float32 samples, rate) of one packaged recording."""
+  if codec == 'g722':  # G.722 wideband: 16 kHz, speech up to 7 kHz
+    import av
+    with av.open(path, format='g722') as container:
+      frames = list(container.decode(audio=0))
+    rate = frames[0].sample_rate
+    x = np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
+    return x.astype(np.float32) / 32768, rate
+  if codec == 'ulaw8k':  # saytime's .au files are headerless 8 kHz mu-law
+    import soundfile
+    x, rate = soundfile.read(path, format='RAW', subtype='ULAW', samplerate=8000,
+                             channels=1, dtype='float32')
+    return x, rate
+  raise ValueError(f'unknown codec {codec!r}')
+
+
+def human_clip(path: str, codec: str, bits: int) -> bytes:
+  """A recording -> the corpus's WAV (16 kHz mono, trimmed, peak 0.9), like
+  synth(); normalised first so the silence threshold is relative to the voice."""
+  import soxr
+
+  x, rate = read_human_clip(path, codec)
+  if rate != SAMPLE_RATE:
+    x = soxr.resample(x, rate, SAMPLE_RATE)
+  return clip_wav(x / max(np.abs(x).max(), 1e-3) * 0.9, bits)
+
+
+def package_version(package: str) -> str | None:
+  try:
+    return subprocess.run(['dpkg-query', '-W', '-f', '${Version}', package],
+                          capture_output=True, text=True, check=True).stdout or None
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def require_human_speech(root: str) -> None:
+  """Exits with the apt-get line to run when a package's recordings are missing."""
+  missing = sorted({pkg for _, pkg, pattern, _, _ in HUMAN_SPEAKERS
+                    for d in range(10)
+                    if not os.path.isfile(os.path.join(root, pattern.format(digit=d)))})
+  if missing:
+    sys.exit(f'real speech needs the recordings in Debian packages {", ".join(missing)} '
+             f'(not found under {root}): apt-get install {" ".join(missing)}')
+
+
+def human_speech_records(root: str, bits: int) -> tuple[list[dict], list[dict]]:
+  """(records, speakers): each speaker says 'zero' .. 'nine' once (the
+  packages' 'oh' takes are left out: the synthetic voices only say 'zero')."""
+  require_human_speech(root)
+  recs, speakers = [], []
+  for speaker, package, pattern, codec, licence in HUMAN_SPEAKERS:
+    installed = os.path.abspath(root) == '/'  # else unpacked: dpkg does not know
+    speakers.append({'speaker': speaker, 'package': package,
+                     'version': package_version(package) if installed else None,
+                     'licence': licence})
+    for digit in range(10):
+      rel = pattern.format(digit=digit)
+      recs.append(rec(
+          f'{HUMAN_SPLIT}/{HUMAN_TASK}/{speaker}/{digit}', HUMAN_TASK,
+          [{'kind': 'audio', 'data': human_clip(os.path.join(root, rel), codec, bits),
+            'format': 'wav', 'predict': False},
+           seg_text('Which digit was spoken?'), seg_text(str(digit), True)],
+          {'digit': digit, 'speaker': speaker, 'human': True,
+           'source': f'{package}:/{rel}', 'licence': licence}))
+  return recs, speakers
+
+
+def build_human_speech(out: str, root: str, bits: int) -> dict:
+  """Writes {HUMAN_SPLIT}/speech_digit_human from the installed packages and
+  records it in manifest.json under 'human_speech' (kept out of 'splits',
+  which lists the synthetic corpus); nothing else is touched."""
+  recs, speakers = human_speech_records(root, bits)
+  paths, counts = records.write_shards(recs, os.path.join(out, HUMAN_SPLIT, HUMAN_TASK), 1)
+  size = sum(os.path.getsize(p) for p in paths)
+  manifest = {'format_version': records.FORMAT_VERSION, 'splits': {}}
+  if os.path.exists(os.path.join(out, 'manifest.json')):
+    with open(os.path.join(out, 'manifest.json')) as f:
+      manifest = json.load(f)
+  manifest['human_speech'] = {
+      'task': HUMAN_TASK, 'split': HUMAN_SPLIT, 'records': sum(counts), 'bytes': size,
+      'files': [os.path.relpath(p, out) for p in paths], 'speakers': speakers}
+  with open(os.path.join(out, 'manifest.json'), 'w') as f:
+    json.dump(manifest, f, indent=1)
+  print(f'{HUMAN_SPLIT:10s} {HUMAN_TASK:14s} {sum(counts):5d} records {size / 1e6:6.2f} MB')
+  return manifest
 
 
 # ------------------------------------------------------------------- video
@@ -455,18 +573,29 @@ def main(argv=None):
   parser.add_argument('--only-draw-tasks', action='store_true',
                       help='only (re)write draw_digit and draw_name from the existing '
                       'image_digit shards')
+  parser.add_argument('--only-human-speech', action='store_true',
+                      help=f'only (re)write {HUMAN_SPLIT}/{HUMAN_TASK} from the '
+                      'installed Debian packages of recorded speech')
+  parser.add_argument('--package-root', default='/',
+                      help='where the speech packages are installed (or unpacked '
+                      'with dpkg-deb -x)')
   args = parser.parse_args(argv)
   out = os.path.normpath(args.out)
   if args.only_draw_tasks:
     manifest = build_draw_tasks(out)
+  elif args.only_human_speech:
+    manifest = build_human_speech(out, args.package_root, args.audio_bits)
   else:
     if shutil.which('espeak-ng') is None:
       sys.exit('espeak-ng is needed to synthesise speech: apt-get install espeak-ng')
+    require_human_speech(args.package_root)  # before minutes of synthesis
     build(out, args.seed, args.audio_bits)
     # After the rest, from the written shards: the other tasks' random draws
-    # (and so their bytes) do not depend on the draw tasks.
-    manifest = build_draw_tasks(out)
+    # (and so their bytes) do not depend on the draw tasks or the real speech.
+    build_draw_tasks(out)
+    manifest = build_human_speech(out, args.package_root, args.audio_bits)
   total = sum(t['bytes'] for s in manifest['splits'].values() for t in s.values())
+  total += manifest.get('human_speech', {}).get('bytes', 0)
   print(f'total {total / 1e6:.2f} MB in {out}')
 
 
