@@ -274,6 +274,12 @@ class DatasetConfig:
   # probability that a training record loses its prompt (the unpredicted text
   # before its first predicted image). Training only; in [0, 1).
   cond_dropout: float = 0.0
+  # Media augmentation (gemjax/data/augment.py), training only: the
+  # probability that an input image or video frame (shift, scale, rotation,
+  # contrast) / audio clip (speed, pitch, reverb, noise, telephone band,
+  # volume) of a record is augmented. In [0, 1]; 0 = off.
+  augment_image: float = 0.0
+  augment_audio: float = 0.0
 
 
 @dataclasses.dataclass
@@ -594,9 +600,14 @@ def _check_layers(m: ModelConfig) -> None:
     if m.infini.segment_len <= 0:
       _fail('model.infini.segment_len', m.infini.segment_len, 'must be > 0')
   period = layer_period(m)
-  if m.num_layers % period:
+  if m.num_layers % period and m.moe.num_experts:
     _fail('model.num_layers', m.num_layers,
-          f'must be a multiple of the layer pattern period {period}')
+          f'must be a multiple of the layer pattern period {period} with MoE layers '
+          '(a partial last period, the tail, is for dense models)')
+  if m.num_layers < period and m.local_layers > 0:
+    _fail('model.num_layers', m.num_layers,
+          f'must be at least the layer pattern period {period} '
+          f'(model.local_layers={m.local_layers} sliding layers, then a global one)')
 
 
 def _check_family_options(m: ModelConfig) -> None:
@@ -736,6 +747,10 @@ def validate(cfg: Config) -> None:
       if not 0 <= ds.cond_dropout < 1:
         _fail(f'data.{key}[{i}].cond_dropout', ds.cond_dropout,
               'a probability in [0, 1) (0 = never drop the condition)')
+      for aug in ('augment_image', 'augment_audio'):
+        if not 0 <= getattr(ds, aug) <= 1:
+          _fail(f'data.{key}[{i}].{aug}', getattr(ds, aug),
+                'a probability in [0, 1] (0 = off; training data only)')
   if d.source == 'grain':
     if m.image_patch_dim and m.image_patch_dim != 3 * d.image_patch_size ** 2:
       _fail('model.image_patch_dim', m.image_patch_dim,

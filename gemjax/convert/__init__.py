@@ -200,6 +200,9 @@ def _hf_names(leaf: fam_lib.Leaf, groups: int, period: int,
   if not leaf.per_layer:
     yield (), leaf.hf
     return
+  if leaf.tail:
+    yield (), leaf.hf.format(i=groups * period + leaf.path[2])
+    return
   for g in range(groups):
     i = _layer_index(leaf, g, period)
     if leaf.per_expert:

@@ -130,11 +130,13 @@ def _layer_pattern(hf: dict, n: int, where: str) -> tuple[int, int]:
     return -1, int(window)
   local = sliding.index(False)
   period = [True] * local + [False]
-  if n % (local + 1) or sliding != period * (n // (local + 1)):
+  # Whole repeats, then possibly the start of one more (Gemma 3 1B: 26 layers
+  # of period 6 end with two sliding layers; gemjax runs them as its tail).
+  if sliding != (period * (n // (local + 1) + 1))[:n]:
     raise ConfigError(
         f'{where}: the layer pattern {["S" if s else "F" for s in sliding]} is not whole '
-        f'repeats of {local} sliding layer(s) then a full one, which gemjax needs to scan '
-        'its layers')
+        f'repeats of {local} sliding layer(s) then a full one (plus the start of one '
+        'more), which gemjax needs to scan its layers')
   return local, int(window)
 
 
@@ -311,6 +313,7 @@ class Leaf:
   to_hf: Callable
   per_layer: bool = True
   per_expert: bool = False
+  tail: bool = False        # in the unscanned tail (no group axis)
 
 
 def _linear(shape_of):
@@ -372,6 +375,9 @@ def leaves(m: ModelConfig, fam: Family, period: int) -> list[Leaf]:
       out.append(Leaf(('layers', 'blocks', b) + sub, name, fwd, bwd))
     for sub, name, fwd, bwd in expert:
       out.append(Leaf(('layers', 'blocks', b) + sub, name, fwd, bwd, per_expert=True))
+  for b in range(m.num_layers % period):
+    for sub, name, fwd, bwd in block:
+      out.append(Leaf(('tail', 'blocks', b) + sub, name, fwd, bwd, tail=True))
   return out
 
 
@@ -391,12 +397,16 @@ def check_model(m: ModelConfig, where: str) -> None:
 
 def known_hf_names(m: ModelConfig, fam: Family, period: int) -> set[str]:
   names = set()
+  whole = m.num_layers // period * period
   for leaf in leaves(m, fam, period):
-    layers = range(m.num_layers) if leaf.per_layer else [None]
+    if leaf.tail:
+      layers = [whole + leaf.path[2]]
+    elif leaf.per_layer:
+      layers = [i for i in range(whole) if i % period == leaf.path[2]]
+    else:
+      layers = [None]
     experts = range(m.moe.num_experts) if leaf.per_expert else [None]
     for i in layers:
-      if leaf.per_layer and i % period != leaf.path[2]:
-        continue
       for e in experts:
         names.add(leaf.hf.format(i=i, e=e))
   return names

@@ -1,7 +1,8 @@
 """The one decoder every modality flows through.
 
     tokens -> embed (+ continuous patch embeddings scattered into their slots)
-           -> scan over L/period repeats of [pre-norm block x period]
+           -> scan over L // period repeats of [pre-norm block x period]
+           -> the first L % period blocks of a period, unscanned (the tail)
            -> final RMSNorm -> logits over the one vocabulary
 
 Layers are created stacked (a leading 'layers' axis on every parameter, via
@@ -38,12 +39,15 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class DecoderSpec:
-  """The whole model: embedder, `num_groups` repeats of `period`, head."""
+  """The whole model: embedder, `num_groups` repeats of `period`, `tail`
+  (a partial period: pretrained layer patterns such as Gemma 3's 26 layers
+  of period 6), head."""
   vocab_size: int
   d_model: int
   period: tuple[BlockSpec, ...]
   num_groups: int
   embedder: EmbedderSpec
+  tail: tuple[BlockSpec, ...] = ()
   tie_embeddings: bool = True
   init_std: float = 0.02
   norm_eps: float = 1e-6
@@ -60,12 +64,12 @@ class DecoderSpec:
 
   @property
   def num_layers(self) -> int:
-    return self.num_groups * len(self.period)
+    return self.num_groups * len(self.period) + len(self.tail)
 
   @property
   def blocks(self) -> tuple[BlockSpec, ...]:
     """Every layer's spec, in order."""
-    return self.period * self.num_groups
+    return self.period * self.num_groups + self.tail
 
 
 class Decoder(nnx.Module):
@@ -87,6 +91,7 @@ class Decoder(nnx.Module):
       return LayerGroup(period, rngs=rngs)
 
     self.layers = make_groups(rngs)
+    self.tail = LayerGroup(spec.tail, rngs=rngs) if spec.tail else None
     self.final_norm = RMSNorm(spec.d_model, eps=spec.norm_eps, param_dtype=pd,
                               plus_one=spec.norm_plus_one)
     self.final_softcap = spec.final_softcap
@@ -117,6 +122,9 @@ class Decoder(nnx.Module):
     policy = self.remat
     if policy != 'none' and cache is None:
       body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    period = len(self.layers.blocks)
+    tail_cache = None if cache is None else cache[period:]
+    cache = None if cache is None else cache[:period]
     if self.scan_layers:
       x_BxTxD, (aux, cache) = jax.lax.scan(body, x_BxTxD, (state, cache))
     else:
@@ -125,13 +133,22 @@ class Decoder(nnx.Module):
         x_BxTxD, out = body(x_BxTxD, jax.tree.map(lambda s: s[i], (state, cache)))
         outs.append(out)
       aux, cache = jax.tree.map(lambda *xs: jnp.stack(xs), *outs) if outs else ([], None)
+    if self.tail is not None:
+      run_tail = lambda x, c: self.tail(x, info, c, prefill=prefill)
+      if policy != 'none' and tail_cache is None:
+        run_tail = jax.checkpoint(run_tail, policy=REMAT_POLICIES[policy], prevent_cse=False)
+      # Dense tails only (config validation): their aux dicts are empty.
+      x_BxTxD, _, tail_cache = run_tail(x_BxTxD, tail_cache)
+      if cache is not None:
+        cache = list(cache) + list(tail_cache)
     return x_BxTxD, aux, cache
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None):
     """An empty decoding cache for `batch_size` rows of up to `max_len` tokens.
 
     A list with one entry per block of the layer period, each stacked over
-    the `num_groups` repeats (the scan's leading axis): a `KVCache` for
+    the `num_groups` repeats (the scan's leading axis), then one unstacked
+    entry per block of the tail: a `KVCache` for
     attention layers ([B, G, S, K] keys and values, S = `max_len` slots, or
     `window` for sliding-window layers),
     an `InfiniCache` for Infini-attention. Arrays are laid out like the
@@ -145,6 +162,9 @@ class Decoder(nnx.Module):
       stacked = jax.tree.map(
           lambda a: jnp.broadcast_to(a, (self.num_groups,) + a.shape), one)
       caches.append(_constrain_cache(stacked))
+    for block in (self.tail.blocks if self.tail is not None else []):
+      caches.append(_constrain_cache(block.init_cache(batch_size, max_len, dtype),
+                                     stacked=False))
     return caches
 
   def logits(self, x_BxTxD: jax.Array) -> jax.Array:
@@ -175,14 +195,17 @@ class Decoder(nnx.Module):
     return self.logits(x), aux, cache
 
 
-def _constrain_cache(cache):
-  """A stacked layer cache laid out like the activations (leading axis: groups)."""
+def _constrain_cache(cache, stacked: bool = True):
+  """A layer cache laid out like the activations (leading axis: groups, when
+  `stacked`)."""
+  lead = (None,) if stacked else ()
   if isinstance(cache, KVCache):
-    names = kv_cache.cache_sharding_names(cache.index_BxS.shape[2])
-    return KVCache(constrain(cache.k_BxGxSxK, (None, *names)),
-                   constrain(cache.v_BxGxSxK, (None, *names)),
-                   constrain(cache.index_BxS, (None, names[0], names[2])))
-  return jax.tree.map(lambda a: constrain(a, (None, 'batch') + (None,) * (a.ndim - 2)), cache)
+    names = kv_cache.cache_sharding_names(cache.index_BxS.shape[-1])
+    return KVCache(constrain(cache.k_BxGxSxK, (*lead, *names)),
+                   constrain(cache.v_BxGxSxK, (*lead, *names)),
+                   constrain(cache.index_BxS, (*lead, names[0], names[2])))
+  return jax.tree.map(
+      lambda a: constrain(a, (*lead, 'batch') + (None,) * (a.ndim - 1 - len(lead))), cache)
 
 
 def flatten_aux(aux: Any) -> dict[str, jax.Array]:

@@ -20,13 +20,13 @@ from gemjax.model.decoder import DecoderSpec
 
 def matmul_params_per_token(spec: DecoderSpec) -> int:
   """Active parameters that take part in a matmul for each token."""
-  blocks = sum(b.attention.matmul_params + b.mlp.matmul_params for b in spec.period)
-  return spec.num_groups * blocks + spec.d_model * spec.vocab_size
+  blocks = sum(b.attention.matmul_params + b.mlp.matmul_params for b in spec.blocks)
+  return blocks + spec.d_model * spec.vocab_size
 
 
 def num_moe_layers(spec: DecoderSpec) -> int:
   """How many of the layers have an MoE feed-forward."""
-  return spec.num_groups * sum(b.is_moe for b in spec.period)
+  return sum(b.is_moe for b in spec.blocks)
 
 
 def attention_flops_per_token(spec: DecoderSpec, seq_len: int, *,
@@ -39,12 +39,12 @@ def attention_flops_per_token(spec: DecoderSpec, seq_len: int, *,
   (`causal_keys_per_query`). Infini's memory read/write (K x K per head and
   token, independent of T) is not a score matmul and is not counted, like
   other non-parameter matmuls. An int without `causal_half`."""
-  per_group = 0
-  for b in spec.period:
+  total = 0
+  for b in spec.blocks:
     keys = (b.attention.causal_keys_per_query(seq_len) if causal_half
             else b.attention.keys_per_query(seq_len))
-    per_group += 12 * b.attention.score_width * keys
-  return spec.num_groups * per_group
+    total += 12 * b.attention.score_width * keys
+  return total
 
 
 def train_flops_per_token(spec: DecoderSpec, seq_len: int, *,

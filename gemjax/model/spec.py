@@ -10,7 +10,8 @@ compute dtype 'auto', and the chunk size of the chunked kernels.
 The layer pattern: one *period* of `config.layer_period(cfg)` layers,
 `local_layers` sliding-window layers then a global one, and an MoE
 feed-forward in every `moe.moe_every`-th layer; the decoder scans over
-`num_layers / period` repeats of it. Imports config and the model modules.
+`num_layers // period` repeats of it, then runs the first
+`num_layers % period` blocks of one more (the tail, dense layers only). Imports config and the model modules.
 """
 
 from __future__ import annotations
@@ -118,11 +119,12 @@ def embedder_spec(cfg: ModelConfig) -> EmbedderSpec:
 def decoder_spec(cfg: ModelConfig) -> DecoderSpec:
   """The spec of the whole model a (validated) ModelConfig describes."""
   period = period_specs(cfg)
-  if cfg.num_layers % len(period):
+  tail = period[:cfg.num_layers % len(period)]
+  if any(b.is_moe for b in tail):
     raise ValueError(f'num_layers={cfg.num_layers} is not a multiple of the layer '
-                     f'pattern period {len(period)}')
+                     f'pattern period {len(period)} and the rest would hold MoE layers')
   return DecoderSpec(
-      vocab_size=cfg.vocab_size, d_model=cfg.d_model, period=period,
+      vocab_size=cfg.vocab_size, d_model=cfg.d_model, period=period, tail=tail,
       num_groups=cfg.num_layers // len(period), embedder=embedder_spec(cfg),
       tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std, norm_eps=cfg.norm_eps,
       norm_plus_one=cfg.norm_plus_one, final_softcap=cfg.final_softcap,

@@ -44,9 +44,12 @@ FAMILIES = {
     'gemma2': lambda: transformers.Gemma2Config(
         **COMMON, num_hidden_layers=4, head_dim=16, sliding_window=8,
         query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
+    # 5 layers of period 3 (S S F): one scanned group plus a tail of two
+    # sliding layers, as Gemma 3 1B's 26 layers of period 6 end.
     'gemma3_text': lambda: transformers.Gemma3TextConfig(
-        **COMMON, num_hidden_layers=4, head_dim=16, sliding_window=8,
-        layer_types=['sliding_attention', 'full_attention'] * 2, query_pre_attn_scalar=24,
+        **COMMON, num_hidden_layers=5, head_dim=16, sliding_window=8,
+        layer_types=['sliding_attention', 'sliding_attention', 'full_attention',
+                     'sliding_attention', 'sliding_attention'], query_pre_attn_scalar=24,
         rope_parameters={'full_attention': {'rope_type': 'linear', 'factor': 2.0,
                                             'rope_theta': 1e6},
                          'sliding_attention': {'rope_type': 'default', 'rope_theta': 1e4}}),
@@ -116,6 +119,25 @@ def test_logits_equal_transformers(imported):
   print(f'{family}: max |logit diff| = {err:.2e} (logit std {want.std():.2f})')
   assert want.std() > 0.5, 'the test model is too close to trivial to compare'
   np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_greedy_decoding_with_the_kv_cache_equals_transformers_generate(imported):
+  # Prefill + cached decode steps: rolling sliding-window caches, the tail,
+  # soft-capped scores over the cache, local/global RoPE at decode positions.
+  from gemjax.inference.decode import Sampler
+  family, model, _, run_dir = imported
+  prompt = _tokens(seed=2)[:, :12]
+  new = 10
+  with torch.no_grad():
+    want = model.generate(torch.from_numpy(prompt.astype(np.int64)), max_new_tokens=new,
+                          min_new_tokens=new, do_sample=False, eos_token_id=None,
+                          pad_token_id=0).numpy()[:, prompt.shape[1]:]
+  cfg = restore.resolve_config(os.path.join(run_dir, 'gemjax.yaml'),
+                               [f'eval.checkpoint={run_dir}'])
+  params, mdef, mesh = restore.load_for_eval(cfg)
+  sampler = Sampler(graphdef=mdef.graphdef, params=params, mesh=mesh)
+  got = sampler.generate(text_batch(prompt), max_new_tokens=new, max_len=prompt.shape[1] + new)
+  np.testing.assert_array_equal(np.asarray(got.tokens_BxN), want)
 
 
 def _tensors(directory):
@@ -204,8 +226,8 @@ def test_a_newer_checkpoint_format_is_refused_naming_both_versions(llama, tmp_pa
 def test_non_periodic_layer_pattern_is_refused_clearly(tmp_path):
   hf_dir = str(tmp_path / 'hf')
   cfg = FAMILIES['gemma3_text']()
-  cfg.layer_types = ['sliding_attention', 'sliding_attention', 'full_attention',
-                     'sliding_attention']
+  cfg.layer_types = ['sliding_attention', 'full_attention', 'full_attention',
+                     'sliding_attention', 'full_attention']
   transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(hf_dir)
   with pytest.raises(ConfigError, match=r'layer pattern .* is not whole repeats'):
     convert.import_hf(hf_dir, str(tmp_path / 'out'))
