@@ -121,6 +121,7 @@ def test_logits_equal_transformers(imported):
   np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_greedy_decoding_with_the_kv_cache_equals_transformers_generate(imported):
   # Prefill + cached decode steps: rolling sliding-window caches, the tail,
   # soft-capped scores over the cache, local/global RoPE at decode positions.
@@ -244,3 +245,27 @@ def test_export_refuses_gemjax_own_architecture(tmp_path):
   trainer.checkpointer.close()
   with pytest.raises(ConfigError, match='has no Hugging Face family'):
     convert.export_hf(str(tmp_path / 'run'), str(tmp_path / 'out'))
+
+
+@pytest.mark.slow
+def test_command_line_import_finetune_export_and_errors(llama, tmp_path):
+  import subprocess
+  import sys
+  hf_dir, _ = llama
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  run = lambda *a: subprocess.run([sys.executable, '-m', 'gemjax.convert', *a], cwd=root,
+                                  env=env, capture_output=True, text=True, timeout=300)
+  out = str(tmp_path / 'gj')
+  r = run('import', hf_dir, out)
+  assert r.returncode == 0, r.stderr
+  assert 'wrote' in r.stdout and os.path.exists(os.path.join(out, 'gemjax.yaml'))
+  r = run('import', hf_dir, out)   # not empty: refused, nothing overwritten
+  assert r.returncode == 2 and 'exists and is not empty' in r.stderr
+  r = run('export', out, str(tmp_path / 'hf'), '--vocab-size', '100')
+  assert r.returncode == 0, r.stderr
+  cfg = json.load(open(tmp_path / 'hf' / 'config.json'))
+  assert cfg['vocab_size'] == 100 and cfg['architectures'] == ['LlamaForCausalLM']
+  assert _tensors(str(tmp_path / 'hf'))['model.embed_tokens.weight'].shape == (100, 64)
+  r = run('import', str(tmp_path / 'nowhere'), str(tmp_path / 'x'))
+  assert r.returncode == 2 and 'nowhere' in r.stderr and 'is not a directory' in r.stderr
