@@ -32,7 +32,6 @@ import shutil
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
@@ -69,7 +68,6 @@ class HFCheckpoint:
     except json.JSONDecodeError as e:
       raise ConfigError(f'{cfg_path}: not valid JSON: {e}') from e
     self.files = self._tensor_files()
-    self._open: dict[str, Any] = {}
 
   def _tensor_files(self) -> dict[str, str]:
     """{tensor name: file} from the index, or from the single file."""
@@ -102,9 +100,10 @@ class HFCheckpoint:
     if path is None:
       raise CheckpointError(f'{self.directory}: tensor {name!r} is missing '
                             f'(looked in {sorted(set(map(os.path.basename, self.files.values())))})')
-    if path not in self._open:
-      self._open[path] = safe_open(path, framework='np')
-    return self._open[path].get_tensor(name)
+    # Opened per tensor: a file kept open keeps every page read so far mapped
+    # (resident), which for a sharded checkpoint adds up to the whole model.
+    with safe_open(path, framework='np') as f:
+      return f.get_tensor(name)
 
   def dtype(self) -> str:
     """The stored dtype of the embedding table ('bfloat16', 'float32', ...)."""
@@ -176,14 +175,14 @@ def import_hf(hf_dir: str, out_dir: str, *, param_dtype: str = 'float32',
         raise CheckpointError(f'{src.files[name]}: tensor {name} has shape {t.shape}, which '
                               f'does not fit gemjax parameter {key} {shape} '
                               f'(config.json says otherwise?): {e}') from e
-    flat[key] = jnp.asarray(arr)
+    flat[key] = jax.device_put(arr)
     del arr
   # Parameters no HF tensor feeds (the modality embedding) keep gemjax's init.
   missing = sorted(set(abstract) - set(flat))
   for key in missing:
     if key != 'inputs/modality_MxD':
       raise AssertionError(f'no HF tensor for {key}')  # a bug in families.py
-    flat[key] = jnp.zeros(abstract[key].shape, dt)
+    flat[key] = np.zeros(abstract[key].shape, dt)
   params = ckpt_lib._rebuild(mdef.abstract_params, flat)
   meta = ckpt_lib.format_meta('gemjax.convert import', source={
       'model_type': fam.model_type, 'path': os.path.abspath(hf_dir),
@@ -238,7 +237,10 @@ def _write_config(path: str, model: dict, tokenizer: str | None, hf_dir: str,
 def _save_step(out_dir: str, params: Any, config: dict, meta: dict) -> None:
   import orbax.checkpoint as ocp
   step_dir = os.path.abspath(os.path.join(out_dir, str(STEP)))
-  ocp.PyTreeCheckpointer().save(os.path.join(step_dir, 'state'), {'params': params})
+  # At most ~1 GB in flight: Orbax otherwise serialises every array at once,
+  # a second copy of the whole model.
+  ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1, use_ocdbt=False))
+  ckptr.save(os.path.join(step_dir, 'state'), args=ocp.args.PyTreeSave({'params': params}))
   ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(
       os.path.join(step_dir, 'config'), args=ocp.args.JsonSave(config))
   ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(
