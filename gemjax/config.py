@@ -193,10 +193,19 @@ class MeshConfig:
   dcn_data: int = 1
   dcn_fsdp: int = 1
   # Multi-host: call jax.distributed.initialize() before anything else.
+  # Address, process count and id are discovered on Cloud TPU; elsewhere set
+  # all three (e.g. '10.0.0.1:1234', 2, 0|1).
   distributed: bool = False
   coordinator_address: str = ''
   num_processes: int = 0
   process_id: int = -1
+  # A process that sends no heartbeat for this many seconds is declared dead:
+  # the others log which one and exit with code 4 instead of waiting forever
+  # in a collective (gemjax/train/loop.py PeerWatchdog). JAX's own check,
+  # which aborts the process, is set to 3 x this + 10 s as a backstop.
+  heartbeat_timeout_s: int = 60
+  # How long jax.distributed.initialize waits for every process to connect.
+  initialization_timeout_s: int = 300
 
 
 @dataclasses.dataclass
@@ -658,6 +667,24 @@ def _check_moe(moe: MoEConfig) -> None:
       bad(key, 'a loss coefficient >= 0')
 
 
+def _check_distributed(mesh: MeshConfig) -> None:
+  """The multi-host keys (jax.distributed.initialize's arguments)."""
+  for key in ('heartbeat_timeout_s', 'initialization_timeout_s'):
+    if getattr(mesh, key) <= 0:
+      _fail(f'mesh.{key}', getattr(mesh, key), 'a positive number of seconds')
+  if mesh.distributed and mesh.coordinator_address:
+    if ':' not in mesh.coordinator_address:
+      _fail('mesh.coordinator_address', mesh.coordinator_address,
+            "'host:port' of process 0 (e.g. '10.0.0.1:1234')")
+    if mesh.num_processes < 1:
+      _fail('mesh.num_processes', mesh.num_processes,
+            'the number of processes (>= 1) when mesh.coordinator_address is set')
+    if not 0 <= mesh.process_id < mesh.num_processes:
+      _fail('mesh.process_id', mesh.process_id,
+            f'in [0, mesh.num_processes={mesh.num_processes}) when '
+            'mesh.coordinator_address is set')
+
+
 def validate(cfg: Config) -> None:
   """Cross-field checks of a config on its own. The checks that need the
   device count (mesh shape, splits over its axes) are
@@ -698,6 +725,7 @@ def validate(cfg: Config) -> None:
           f'0 (off) or a number of tokens dividing train.seq_len={cfg.train.seq_len}')
   if cfg.mesh.context_layout not in CONTEXT_LAYOUTS:
     _fail('mesh.context_layout', cfg.mesh.context_layout, f'one of {CONTEXT_LAYOUTS}')
+  _check_distributed(cfg.mesh)
   if len(m.mrope_sections) != 3 or min(m.mrope_sections) < 0 or sum(m.mrope_sections) == 0:
     _fail('model.mrope_sections', m.mrope_sections,
           'three non-negative weights for the (t, h, w) rotary sections')

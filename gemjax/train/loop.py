@@ -15,17 +15,22 @@ function keeps the old state), is counted and logged; after
 `train.max_nonfinite_steps` in a row the run saves and stops with exit code 3.
 SIGTERM (TPU preemption) saves a checkpoint and exits 0; with several
 processes, all of them at the one step JAX's preemption service agrees on.
+A process that dies or hangs (no heartbeat for `mesh.heartbeat_timeout_s`)
+makes the others log which one and exit with code 4 (PeerWatchdog).
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
+import threading
 import time
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +53,8 @@ from gemjax.train import state as state_lib
 log = logging.getLogger('gemjax')
 
 EXIT_NONFINITE = 3
+# A peer process died or hangs (multi-host runs; PeerWatchdog).
+EXIT_PEER_LOST = 4
 
 
 def setup_logging() -> None:
@@ -56,14 +63,175 @@ def setup_logging() -> None:
   logging.getLogger('absl').setLevel(logging.WARNING)
 
 
-def maybe_initialize_distributed(mesh_cfg) -> None:
+def maybe_initialize_distributed(mesh_cfg) -> 'PeerWatchdog | None':
+  """`mesh.distributed`: joins the other processes, then watches them.
+
+  JAX's own heartbeat check (which aborts) is a backstop behind the
+  PeerWatchdog (which exits cleanly, see there): JAX may notice a silent
+  process half its timeout early, so it gets 3 x `mesh.heartbeat_timeout_s`
+  + 10 s, comfortably after the watchdog's verdict and exit.
+  """
   if not mesh_cfg.distributed:
-    return
+    return None
   kwargs = {}
   if mesh_cfg.coordinator_address:
     kwargs.update(coordinator_address=mesh_cfg.coordinator_address,
                   num_processes=mesh_cfg.num_processes, process_id=mesh_cfg.process_id)
-  jax.distributed.initialize(**kwargs)  # on Cloud TPU all three are discovered
+    # JAX ends a process that waits longer with a C++ abort whose message
+    # blames "another task"; this line says what it was waiting for.
+    log.info('process %d: waiting up to %d s (mesh.initialization_timeout_s) for %d '
+             'processes to join at %s', mesh_cfg.process_id,
+             mesh_cfg.initialization_timeout_s, mesh_cfg.num_processes,
+             mesh_cfg.coordinator_address)
+  jax.distributed.initialize(  # on Cloud TPU address, count and id are discovered
+      **kwargs, initialization_timeout=mesh_cfg.initialization_timeout_s,
+      heartbeat_timeout_seconds=3 * mesh_cfg.heartbeat_timeout_s + 10)
+  # The runtime client is not public API; Orbax reaches it the same way.
+  from jax._src import distributed as jax_distributed
+  state = jax_distributed.global_state
+  if state.client is None or state.num_processes < 2:
+    return None
+  return PeerWatchdog(state.client, state.process_id, state.num_processes,
+                      mesh_cfg.heartbeat_timeout_s).start()
+
+
+class PeerWatchdog:
+  """A dead peer becomes a logged error and exit code 4 in bounded time.
+
+  Without it a killed process leaves the others blocked in a collective (gloo
+  on CPU waits forever) until JAX's heartbeat check ends them with a C++ abort
+  (SIGABRT and a stack trace, ~70 s with JAX's defaults); jaxlib 0.10 offers no
+  Python hook to replace that abort (its `missed_heartbeat_callback` cannot
+  pass the status to Python and terminates with std::bad_cast).
+
+  Every process bumps a counter in the coordinator's key-value store every
+  `interval` seconds from a daemon thread (runs while the main thread is
+  blocked in XLA). Process 0 declares a process dead when its counter has not
+  moved for `timeout_s`, publishes the verdict, and every process logs it and
+  leaves with os._exit (the main thread cannot be interrupted, and a normal
+  exit would wait in JAX's shutdown barrier for the dead process).
+
+  Limit: if process 0 itself dies, the coordinator goes with it and JAX aborts
+  the others within about a second ("Terminating process because the JAX
+  distributed service detected fatal errors"), before this thread can act.
+  """
+
+  BEATS = 'gemjax/heartbeat/'
+  DONE = 'done'
+  VERDICT = 'gemjax/peer_lost/'
+
+  def __init__(self, client, process_id: int, num_processes: int, timeout_s: float,
+               *, exit_fn=os._exit):
+    self.client, self.process_id, self.timeout_s = client, process_id, timeout_s
+    self.peers = [p for p in range(num_processes) if p != process_id]
+    self.interval = min(5.0, max(0.1, timeout_s / 10))
+    self._exit = exit_fn
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name='gemjax-peer-watchdog',
+                                    daemon=True)
+
+  def start(self) -> 'PeerWatchdog':
+    self._thread.start()
+    # Registered after JAX's own atexit shutdown, so it runs first, while the
+    # client still works.
+    atexit.register(self.finish)
+    return self
+
+  def stop(self) -> None:
+    self._stop.set()
+
+  def finish(self) -> None:
+    """A normal exit: stop beating and say so, so that a process that is done
+    first (and waits in JAX's shutdown barrier) is not declared dead."""
+    self.stop()
+    self._thread.join(timeout=self.interval + 10)
+    try:
+      self.client.key_value_set(f'{self.BEATS}{self.process_id}', self.DONE,
+                                allow_overwrite=True)
+    except Exception:
+      pass
+
+  def _run(self) -> None:
+    beats, failing_since = 0, None
+    now = time.monotonic()
+    last = {p: (None, now) for p in self.peers}   # peer -> (counter, when it last moved)
+    while not self._stop.wait(self.interval):
+      try:
+        beats += 1
+        self.client.key_value_set(f'{self.BEATS}{self.process_id}', str(beats),
+                                  allow_overwrite=True)
+        if self.process_id == 0:
+          verdict = self._check_peers(last)
+        else:
+          published = [v for _, v in self.client.key_value_dir_get(self.VERDICT)]
+          verdict = f'process 0 reports: {published[0]}' if published else None
+        failing_since = None
+      except Exception as e:  # the coordinator is unreachable (or a transient error)
+        failing_since = failing_since or time.monotonic()
+        if time.monotonic() - failing_since < self.timeout_s:
+          continue
+        verdict = (f'the coordinator (process 0) has been unreachable for '
+                   f'{self.timeout_s} s (mesh.heartbeat_timeout_s): {type(e).__name__}: {e}')
+      if verdict and not self._stop.is_set():
+        self._lose(verdict)
+        return
+
+  def _check_peers(self, last: dict) -> str | None:
+    beats = dict(self.client.key_value_dir_get(self.BEATS))
+    now = time.monotonic()
+    for p, (seen, since) in last.items():
+      value = beats.get(f'{self.BEATS}{p}')
+      if value != seen:
+        last[p] = (value, now)
+    dead = [p for p, (seen, since) in last.items()
+            if seen != self.DONE and now - since > self.timeout_s]
+    if not dead:
+      return None
+    verdict = (f'process {", ".join(map(str, dead))} sent no heartbeat for '
+               f'{self.timeout_s} s (mesh.heartbeat_timeout_s): it was killed, crashed '
+               'or hangs; see its log. The run cannot continue without it: restart '
+               'all processes (training resumes from the last checkpoint)')
+    try:  # the others read it and leave too
+      self.client.key_value_set(f'{self.VERDICT}0', verdict, allow_overwrite=True)
+    except Exception:
+      pass
+    return verdict
+
+  def fail(self, error: Exception) -> NoReturn:
+    """This process cannot go on: log why and leave at once. A normal exit
+    would wait in JAX's shutdown barrier for peers that are themselves blocked
+    in a collective waiting for this process, until JAX aborts both; instead
+    the peers see this process's heartbeats stop and leave too."""
+    self.stop()
+    text = f'{type(error).__name__}: {error}'
+    if isinstance(error, GemjaxError):
+      code = 2
+      log.error('process %d: %s', self.process_id, error)
+    elif isinstance(error, jax.errors.JaxRuntimeError) and any(
+        word in text.lower() for word in ('gloo', 'connection', 'peer')):
+      code = EXIT_PEER_LOST
+      log.error('process %d: a cross-process collective failed, so another process has '
+                'probably died (see its log): %s. Exiting with code %d.',
+                self.process_id, text, code)
+    else:
+      code = 1
+      log.error('process %d failed; exiting with code %d', self.process_id, code,
+                exc_info=error)
+    self._leave(code)
+
+  def _lose(self, verdict: str) -> None:
+    log.error('process %d: %s. Exiting with code %d.', self.process_id, verdict,
+              EXIT_PEER_LOST)
+    if self.process_id == 0:   # let the others read the verdict before the store goes
+      time.sleep(2 * self.interval + 0.5)
+    self._leave(EXIT_PEER_LOST)
+
+  def _leave(self, code: int) -> None:
+    for handler in logging.getLogger().handlers:
+      handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    self._exit(code)   # os._exit: skips JAX's shutdown barrier with the lost peer
 
 
 def build_mesh(cfg) -> jax.sharding.Mesh:
@@ -353,11 +521,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if print_config:
       print(config_lib.to_yaml(cfg), end='')
       return 0
-    maybe_initialize_distributed(cfg.mesh)
-    trainer = Trainer.create(cfg)
-    code = trainer.run()
-    trainer.checkpointer.close()
-    return code
+    watchdog = maybe_initialize_distributed(cfg.mesh)
+    try:
+      trainer = Trainer.create(cfg)
+      code = trainer.run()
+      trainer.checkpointer.close()
+      return code
+    except Exception as e:
+      if watchdog is not None:
+        watchdog.fail(e)   # several processes: log and leave now (never returns)
+      raise
   except GemjaxError as e:
     log.error('%s', e)
     return 2
