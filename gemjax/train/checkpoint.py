@@ -190,6 +190,9 @@ class Checkpointer:
     for item in ('state',) + (('data',) if data_iter is not None else ()):
       if not (self._step_dir(step) / item).exists():
         raise CheckpointError(f'checkpoint {where} is partial: item {item!r} is missing')
+    if data_iter is not None:
+      check_process_count(self._step_dir(step) / 'data', jax.process_index(),
+                          jax.process_count())
     try:
       meta = self.manager.item_metadata(step)['state']
     except Exception as e:
@@ -214,6 +217,21 @@ class Checkpointer:
     except Exception as e:
       raise CheckpointError(f'checkpoint {self._step_dir(step)} has no readable '
                             f'config: {e}') from e
+
+
+def check_process_count(data_dir: epath.Path, index: int, count: int) -> None:
+  """Each process saved its own data position (process_I-of-N.json): a run
+  resumed with another process count has no position for some process."""
+  if (data_dir / f'process_{index}-of-{count}.json').exists():
+    return
+  saved = sorted(p.name for p in data_dir.iterdir() if p.name.startswith('process_'))
+  counts = sorted({p.rsplit('-of-', 1)[1].removesuffix('.json') for p in saved
+                   if '-of-' in p})
+  raise CheckpointError(
+      f'checkpoint {data_dir.parent}: the data position was saved by '
+      f"{' / '.join(counts) or 'no'} process(es) ({saved[:4]}), and this run has {count}; "
+      'resume with the same number of processes, or start a new run directory with '
+      'checkpoint.init_from=<this checkpoint> (parameters only)')
 
 
 def _tree_of(meta: Any) -> Any:

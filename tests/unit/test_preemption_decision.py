@@ -38,3 +38,16 @@ def test_multi_process_leaves_sigterm_to_jax_preemption_service():
   finally:
     single.restore()
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_resume_with_another_process_count_is_refused_naming_both(tmp_path):
+  from etils import epath
+  from gemjax.errors import CheckpointError
+  from gemjax.train.checkpoint import check_process_count
+  data = tmp_path / '7' / 'data'
+  data.mkdir(parents=True)
+  for i in range(2):
+    (data / f'process_{i}-of-2.json').write_text('{}')
+  check_process_count(epath.Path(data), 1, 2)
+  with pytest.raises(CheckpointError, match=r'saved by 2 process\(es\).*this run has 1'):
+    check_process_count(epath.Path(data), 0, 1)
