@@ -1,7 +1,7 @@
 """Sparse Mixture-of-Experts feed-forward: a router and E SwiGLU experts.
 
     probs = softmax(x W_r)              router in float32 (ST-MoE, Zoph et al. 2022)
-    top-k experts per token             ties -> the lower expert index (lax.top_k)
+    top-k experts per token             ties -> the lower expert index (lax.top_k's order)
     y = sum_k gate_k * SwiGLU_{e_k}(x)  (+ shared experts, always on)
 
 The router decides where tokens go; moving them (capacity buffers or sorted
@@ -63,20 +63,38 @@ def top_k_routing(logits_BxTxE: jax.Array, top_k: int, *, renormalize: bool):
 
   Selection on the float32 logits (not the rounded probabilities), so equal
   probabilities with different logits still order correctly; exact ties go to
-  the lower expert index, the documented order of `lax.top_k`.
+  the lower expert index, the documented order of `lax.top_k` (which
+  `top_k_masks` reproduces without a sort).
   """
   logits = logits_BxTxE.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
-  _, expert = jax.lax.top_k(logits, top_k)
-  gate = jnp.take_along_axis(probs, expert, axis=-1)
+  pick_BxTxKxE = top_k_masks(logits, top_k)
+  e_E = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  expert = expert_lib.sum_last(jnp.where(pick_BxTxKxE, e_E, 0))
+  gate = expert_lib.sum_last(jnp.where(pick_BxTxKxE, probs[..., None, :], 0.0))
   if renormalize:
     gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
-  return expert.astype(jnp.int32), gate, probs
+  return expert, gate, probs
+
+
+def top_k_masks(logits_BxTxE: jax.Array, k: int) -> jax.Array:
+  """[B, T, K, E] one-hot masks of the k largest logits, in `lax.top_k`'s
+  order (descending, equal values by lower index), from ranks: the rank of
+  expert e is how many experts beat it. Elementwise work over E^2 pairs per
+  token instead of a sort: the partitioner splits it over any token sharding
+  (it all-gathers the logits for `lax.top_k`), and E is small."""
+  E = logits_BxTxE.shape[-1]
+  e_E = jnp.arange(E)
+  l_i, l_j = logits_BxTxE[..., :, None], logits_BxTxE[..., None, :]
+  beats_BxTxExE = (l_j > l_i) | ((l_j == l_i) & (e_E[None, :] < e_E[:, None]))  # j beats i
+  rank_BxTxE = expert_lib.sum_last(beats_BxTxExE.astype(jnp.int32))
+  return rank_BxTxE[..., None, :] == jnp.arange(k)[:, None]
 
 
 def expert_load(expert_BxTxK: jax.Array, valid_BxT: jax.Array, num_experts: int) -> jax.Array:
   """[B, T, E] number of assignments (0 or 1) of each valid token to each expert."""
-  onehot = jax.nn.one_hot(expert_BxTxK, num_experts, dtype=jnp.float32).sum(axis=-2)
+  onehot = sum(jax.nn.one_hot(expert_BxTxK[..., k], num_experts, dtype=jnp.float32)
+               for k in range(expert_BxTxK.shape[-1]))  # K adds: no reduction kernel
   return onehot * valid_BxT[..., None].astype(jnp.float32)
 
 
@@ -105,11 +123,37 @@ def router_z_loss(logits_BxTxE: jax.Array, valid_BxT: jax.Array) -> jax.Array:
 # -------------------------------------------------------------------- experts
 
 
+@jax.custom_vjp
+def swiglu_act(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up, with a hand-written VJP that recomputes the sigmoid.
+
+  Autodiff keeps sigmoid(gate) and silu(gate) as residuals and runs the
+  backward as separate elementwise passes over the [E, M, F] activations
+  (five in all on XLA:CPU); this is one pass forward and one backward.
+  """
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_act_fwd(gate, up):
+  return swiglu_act(gate, up), (gate, up)
+
+
+def _swiglu_act_bwd(res, dh):
+  gate, up = res
+  sig = jax.nn.sigmoid(gate)
+  silu = gate * sig
+  # d silu / d gate = sig + gate * sig * (1 - sig)
+  return dh * up * (sig + silu * (1 - sig)), dh * silu
+
+
+swiglu_act.defvjp(_swiglu_act_fwd, _swiglu_act_bwd)
+
+
 def _swiglu_batched(w, x_ExMxD):
   w_gate, w_up, w_down = w
   gate = jnp.einsum('emd,edf->emf', x_ExMxD, w_gate)
   up = jnp.einsum('emd,edf->emf', x_ExMxD, w_up)
-  return jnp.einsum('emf,efd->emd', jax.nn.silu(gate) * up, w_down)
+  return jnp.einsum('emf,efd->emd', swiglu_act(gate, up), w_down)
 
 
 def _swiglu_grouped(w, x_MxD, sizes_E):

@@ -16,7 +16,11 @@ Two compute paths, same interface:
             choices, then earlier tokens: the GShard order. Because groups are
             rows, what drops does not depend on how the batch is sharded
             (with the sequence split over `context`, a group is a device's
-            chunk of the row).
+            chunk of the row). No sort and no one-hot dispatch tensor: an
+            assignment's place in its expert's queue is a cumulative count
+            over the row, and tokens move into the buffer and back by row
+            gathers whose transposes are gathers too (`take_rows`,
+            `combine_rows`): O(T k D) per row each way.
   dropless  Sort assignments by expert and run a grouped matmul
             (`jax.lax.ragged_dot`, megablox-style kernels on TPU/GPU); nothing
             is dropped.
@@ -164,7 +168,8 @@ def _per_device(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights, *, fns,
     y, kept = _capacity(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights,
                         fns.batched, num_experts=num_experts,
                         capacity_factor=capacity_factor, axis_name=axis,
-                        num_shards=expert_shards)
+                        num_shards=expert_shards,
+                        tensor_axis=TENSOR_AXIS if tensor_shards > 1 else None)
   elif axis is None:
     y, kept = _dropless_local(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights,
                               fns.grouped, num_experts=num_experts)
@@ -188,63 +193,194 @@ def _count(ids: jax.Array, n: int, axis: int) -> jax.Array:
 
 
 def _combine(y_BxKxTxD: jax.Array, gate_BxTxK: jax.Array) -> jax.Array:
-  return jnp.einsum('bktd,btk->btd', y_BxKxTxD, gate_BxTxK.astype(y_BxKxTxD.dtype))
+  # Multiplies and a K-term sum, not an einsum: XLA:CPU lowers 'bktd,btk->btd'
+  # to B*T tiny batched dots (forward and backward).
+  g_BxTxK = gate_BxTxK.astype(y_BxKxTxD.dtype)
+  return _sum_of(y_BxKxTxD[:, k] * g_BxTxK[:, :, k, None] for k in range(g_BxTxK.shape[-1]))
+
+
+# XLA:CPU hands reductions (`jnp.sum`) to a library kernel that is slow on
+# short axes (a [N, K, D] -> [N, K] sum takes ~5x a fused loop); sums of a
+# few slices, as below, fuse with their producers into one loop instead.
+
+
+def _sum_of(terms):
+  terms = list(terms)
+  out = terms[0]
+  for t in terms[1:]:
+    out = out + t
+  return out
+
+
+def sum_last(x: jax.Array) -> jax.Array:
+  """Sum over a short last axis by pairwise halving (fuses into one loop)."""
+  while x.shape[-1] > 1:
+    n, h = x.shape[-1], x.shape[-1] // 2
+    y = x[..., :h] + x[..., h:2 * h]
+    if n % 2:
+      y = jnp.concatenate([y[..., :1] + x[..., 2 * h:], y[..., 1:]], axis=-1)
+    x = y
+  return x[..., 0]
+
+
+@jax.custom_vjp
+def take_rows(src_NxD: jax.Array, idx_MxJ: jax.Array, ok_MxJ: jax.Array,
+              inv_NxL: jax.Array, inv_ok_NxL: jax.Array) -> jax.Array:
+  """out[m] = sum_j ok[m, j] * src[idx[m, j]]: a masked row gather whose
+  transpose is another gather.
+
+  (inv, inv_ok) is the same map read the other way: row n of src is read by
+  the out rows inv[n, l] where inv_ok[n, l]. The default transpose of a
+  gather is a scatter-add (slow on XLA:CPU); here the backward pass is
+  `take_rows` with the two maps swapped, a gather again (to every order of
+  differentiation). Indices must be in range wherever they are used (masked
+  ones too).
+  """
+  zero = jnp.zeros((), src_NxD.dtype)
+  return _sum_of(jnp.where(ok_MxJ[:, j, None],
+                           jnp.take(src_NxD, idx_MxJ[:, j], axis=0, mode='clip'), zero)
+                 for j in range(idx_MxJ.shape[1]))
+
+
+def _take_rows_fwd(src, idx, ok, inv, inv_ok):
+  return take_rows(src, idx, ok, inv, inv_ok), (idx, ok, inv, inv_ok)
+
+
+def _take_rows_bwd(res, g_MxD):
+  idx, ok, inv, inv_ok = res
+  return take_rows(g_MxD, inv, inv_ok, idx, ok), None, None, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+@jax.custom_vjp
+def combine_rows(y_RxD: jax.Array, gate_NxK: jax.Array, slot_NxK: jax.Array,
+                 kept_NxK: jax.Array, asg_R: jax.Array, filled_R: jax.Array) -> jax.Array:
+  """y[n] = sum_k kept[n, k] * gate[n, k] * y_R[slot[n, k]]: read back and
+  weigh each token's expert outputs in one fused gather-multiply-sum.
+
+  Its transpose is a gather too: the filled row r belongs to assignment
+  a = asg[r] (a = n * K + k), so dy_R[r] = gate[a] * dy[n]; the gate's
+  cotangent is <y_R[slot[n, k]], dy[n]>. (An einsum 'bktd,btk->btd' here
+  becomes B*T tiny batched dots on XLA:CPU, and autodiff of a gather is a
+  scatter-add.) `gate` has y's dtype.
+  """
+  w_NxK = jnp.where(kept_NxK, gate_NxK, jnp.zeros((), gate_NxK.dtype))
+  return _sum_of(jnp.take(y_RxD, slot_NxK[:, k], axis=0, mode='clip') * w_NxK[:, k, None]
+                 for k in range(slot_NxK.shape[1]))
+
+
+def _combine_rows_fwd(y_RxD, gate_NxK, slot_NxK, kept_NxK, asg_R, filled_R):
+  out = combine_rows(y_RxD, gate_NxK, slot_NxK, kept_NxK, asg_R, filled_R)
+  return out, (y_RxD, gate_NxK, slot_NxK, kept_NxK, asg_R, filled_R)
+
+
+def _combine_rows_bwd(res, dy_NxD):
+  y_RxD, gate_NxK, slot_NxK, kept_NxK, asg_R, filled_R = res
+  K = gate_NxK.shape[-1]
+  zero = jnp.zeros((), dy_NxD.dtype)
+  g_R = jnp.take(gate_NxK.reshape(-1), asg_R, mode='clip')
+  dyr_RxD = jnp.where(filled_R[:, None],
+                      jnp.take(dy_NxD, asg_R // K, axis=0, mode='clip') * g_R[:, None], zero)
+  rows_NxKxD = jnp.take(y_RxD, slot_NxK, axis=0, mode='clip')
+  dgate_NxK = jnp.where(kept_NxK, sum_last(rows_NxKxD * dy_NxD[:, None, :]), zero)
+  return dyr_RxD, dgate_NxK.astype(gate_NxK.dtype), None, None, None, None
+
+
+combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 
 # --------------------------------------------------------------- capacity path
 
 
+class CapacityRoute(NamedTuple):
+  """Where each assignment of a row-group goes in the [B, E, C] slot grid.
+
+  pos_BxTxK: its place in its expert's queue (GShard priority: all first
+    choices of the row in token order, then all second choices, ...); an
+    assignment is kept iff it is valid and pos < C.
+  count_BxE: assignments routed to each expert (kept or not).
+  """
+  kept_BxTxK: jax.Array
+  pos_BxTxK: jax.Array
+  count_BxE: jax.Array
+
+
+def capacity_route(expert_BxTxK: jax.Array, valid_BxT: jax.Array, num_experts: int,
+                   capacity: int) -> CapacityRoute:
+  """Queue positions by a cumulative count, no sort: the position of an
+  assignment is how many assignments before it (in priority order) chose the
+  same expert. Invalid (padding) tokens count for no expert."""
+  B, T, K = expert_BxTxK.shape
+  E = num_experts
+  # k-major priority order a = k * T + t.
+  e_BxA = jnp.swapaxes(expert_BxTxK, 1, 2).reshape(B, K * T)
+  v_BxA = jnp.tile(valid_BxT, (1, K))
+  hit_BxAxE = (e_BxA[..., None] == jnp.arange(E, dtype=e_BxA.dtype)) & v_BxA[..., None]
+  cum_BxAxE = jnp.cumsum(hit_BxAxE.astype(jnp.int32), axis=1)
+  pos_BxA = sum_last(jnp.where(hit_BxAxE, cum_BxAxE, 0)) - 1   # -1: invalid
+  kept_BxA = v_BxA & (pos_BxA < capacity)
+  to_btk = lambda a: jnp.swapaxes(a.reshape(B, K, T), 1, 2)
+  return CapacityRoute(to_btk(kept_BxA), to_btk(pos_BxA), cum_BxAxE[:, -1])
+
+
 def _capacity(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights, batched_fn, *,
-              num_experts, capacity_factor, axis_name, num_shards):
+              num_experts, capacity_factor, axis_name, num_shards, tensor_axis=None):
   B, T, D = x_BxTxD.shape
   K = expert_BxTxK.shape[-1]
-  E, A = num_experts, T * K
+  E = num_experts
   C = expert_capacity(T, E, K, capacity_factor)
-  # k-major flattening (a = k * T + t): all first choices of the row sort
-  # before any second choice. Invalid tokens get expert E: they sort last and
-  # take no slot.
-  e_BxA = jnp.where(valid_BxT[:, None, :], jnp.swapaxes(expert_BxTxK, 1, 2), E).reshape(B, A)
-  order_BxA = jnp.argsort(e_BxA, axis=1, stable=True)
-  counts_BxE = _count(e_BxA, E, axis=1)
-  starts_BxE = _exclusive_cumsum(counts_BxE)
+  Ps, El = num_shards, num_experts // num_shards
+  N, R = B * T, B * E * C
+  route = capacity_route(expert_BxTxK, valid_BxT, E, C)
 
-  # Slot (e, c) holds the c-th assignment (in priority order) routed to e.
-  c_C = jnp.arange(C, dtype=jnp.int32)
-  rank_BxExC = starts_BxE[:, :, None] + c_C
-  filled_BxExC = c_C < counts_BxE[:, :, None]
-  rank_BxS = jnp.clip(rank_BxExC.reshape(B, E * C), 0, A - 1)
-  token_BxS = jnp.take_along_axis(order_BxA, rank_BxS, axis=1) % T
-  buf_BxSxD = jnp.take_along_axis(x_BxTxD, token_BxS[..., None], axis=1)
-  buf_BxSxD = jnp.where(filled_BxExC.reshape(B, E * C, 1), buf_BxSxD, 0)
-  buf_BxExCxD = buf_BxSxD.reshape(B, E, C, D)
+  # Buffer rows are laid out as the experts read them: [E, B, C] on one
+  # device, [P_owner, B, E_l, C] (the all_to_all's send layout) under expert
+  # parallelism. `row` numbers slot (b, e, c); `to_rows` lays out a [B, E, C]
+  # array in that order.
+  def row(b, e, c):
+    if axis_name is None:
+      return (e * B + b) * C + c
+    return ((e // El * B + b) * El + e % El) * C + c
 
+  def to_rows(a_BxExC):
+    if axis_name is None:
+      return jnp.swapaxes(a_BxExC, 0, 1).reshape(R)
+    return a_BxExC.reshape(B, Ps, El, C).transpose(1, 0, 2, 3).reshape(R)
+
+  b_BxTxK = jnp.arange(B, dtype=jnp.int32)[:, None, None]
+  e_BxTxK = expert_BxTxK.astype(jnp.int32)
+  # assignment -> buffer row (clipped in range where dropped: masked by kept)
+  slot_NxK = row(b_BxTxK, e_BxTxK, jnp.clip(route.pos_BxTxK, 0, C - 1)).reshape(N, K)
+  kept_NxK = route.kept_BxTxK.reshape(N, K)
+  # buffer row -> assignment: a scatter of int ids (each kept assignment owns
+  # its slot); empty slots point at assignment 0, masked by filled.
+  asg_R = jnp.zeros((R,), jnp.int32).at[jnp.where(kept_NxK, slot_NxK, R)].set(
+      jnp.arange(N * K, dtype=jnp.int32).reshape(N, K), mode='drop')
+  filled_R = to_rows(jnp.arange(C, dtype=jnp.int32) < route.count_BxE[:, :, None])
+
+  # dispatch: token rows -> slots (its transpose: slots -> the token's K rows)
+  buf_RxD = take_rows(x_BxTxD.reshape(N, D), (asg_R // K)[:, None], filled_R[:, None],
+                      slot_NxK, kept_NxK)
   if axis_name is None:
-    h_ExMxD = jnp.swapaxes(buf_BxExCxD, 0, 1).reshape(E, B * C, D)
-    y_ExMxD = batched_fn(weights, h_ExMxD)
-    y_BxExCxD = jnp.swapaxes(y_ExMxD.reshape(E, B, C, D), 0, 1)
+    y_RxD = batched_fn(weights, buf_RxD.reshape(E, B * C, D)).reshape(R, D)
   else:
-    Ps, El = num_shards, E // num_shards
-    # [B, E, C, D] -> [P_owner, B, E_l, C, D] -> exchange -> [P_source, B, E_l, C, D]
-    send = buf_BxExCxD.reshape(B, Ps, El, C, D).transpose(1, 0, 2, 3, 4)
-    recv = jax.lax.all_to_all(send, axis_name, 0, 0, tiled=True)
+    # [P_owner, B, E_l, C, D] -> exchange -> [P_source, B, E_l, C, D]
+    recv = jax.lax.all_to_all(buf_RxD.reshape(Ps, B, El, C, D), axis_name, 0, 0, tiled=True)
     h_ElxMxD = recv.transpose(2, 0, 1, 3, 4).reshape(El, Ps * B * C, D)
     y_ElxMxD = batched_fn(weights, h_ElxMxD)
     back = y_ElxMxD.reshape(El, Ps, B, C, D).transpose(1, 2, 0, 3, 4)
-    back = jax.lax.all_to_all(back, axis_name, 0, 0, tiled=True)
-    y_BxExCxD = back.transpose(1, 0, 2, 3, 4).reshape(B, E, C, D)
+    y_RxD = jax.lax.all_to_all(back, axis_name, 0, 0, tiled=True).reshape(R, D)
 
-  # Each assignment reads its slot back: position = its rank among the
-  # assignments to the same expert.
-  rank_BxA = jnp.argsort(order_BxA, axis=1)
-  e_safe_BxA = jnp.minimum(e_BxA, E - 1)
-  pos_BxA = rank_BxA - jnp.take_along_axis(starts_BxE, e_safe_BxA, axis=1)
-  kept_BxA = (e_BxA < E) & (pos_BxA < C)
-  slot_BxA = e_safe_BxA * C + jnp.clip(pos_BxA, 0, C - 1)
-  y_BxAxD = jnp.take_along_axis(y_BxExCxD.reshape(B, E * C, D), slot_BxA[..., None], axis=1)
-  y_BxAxD = jnp.where(kept_BxA[..., None], y_BxAxD, 0)
-  y_BxTxD = _combine(y_BxAxD.reshape(B, K, T, D), gate_BxTxK)
-  kept_BxTxK = jnp.swapaxes(kept_BxA.reshape(B, K, T), 1, 2)
-  return y_BxTxD, kept_BxTxK
+  gate_NxK = gate_BxTxK.reshape(N, K).astype(y_RxD.dtype)
+  if tensor_axis is not None:
+    # The expert outputs are partial sums over `tensor`, the gates are not:
+    # autodiff would make the gates varying where the two meet (and psum
+    # their cotangent); a custom VJP has to be given matching inputs.
+    gate_NxK = jax.lax.pcast(gate_NxK, tensor_axis, to='varying')
+  y_NxD = combine_rows(y_RxD, gate_NxK, slot_NxK, kept_NxK, asg_R, filled_R)
+  return y_NxD.reshape(B, T, D), route.kept_BxTxK
 
 
 # --------------------------------------------------------------- dropless path

@@ -222,6 +222,121 @@ def test_capacity_path_drops_exactly_the_assignments_beyond_capacity():
   np.testing.assert_allclose(y2, y, rtol=1e-6)
 
 
+def test_top_k_masks_order_like_lax_top_k_with_ties_and_infinities():
+  rng = np.random.default_rng(0)
+  for trial in range(60):
+    e_ = int(rng.integers(1, 10))
+    k_ = int(rng.integers(1, e_ + 1))
+    logits = rng.integers(-2, 2, size=(2, 7, e_)).astype(np.float32)  # many ties
+    if trial % 3 == 0:
+      logits[logits == -2] = -np.inf
+    if trial % 4 == 0:
+      logits = rng.normal(size=(2, 7, e_)).astype(np.float32)
+    expert, gate, probs = moe.top_k_routing(jnp.asarray(logits), k_, renormalize=False)
+    _, want = jax.lax.top_k(jnp.asarray(logits), k_)
+    np.testing.assert_array_equal(expert, want)
+    np.testing.assert_array_equal(gate, np.take_along_axis(np.asarray(probs), np.asarray(want), -1))
+
+
+def test_swiglu_act_vjp_matches_autodiff():
+  g, u, dh = (jax.random.normal(k, (3, 5, 7)) * 3 for k in jax.random.split(jax.random.key(0), 3))
+  want = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)[1](dh)
+  y, vjp = jax.vjp(moe.swiglu_act, g, u)
+  np.testing.assert_allclose(y, jax.nn.silu(g) * u, rtol=1e-6)
+  for a, b in zip(vjp(dh), want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _gshard_keep(expert, valid, num_experts, capacity):
+  """Reference drops, written as the GShard loop: walk a row's assignments in
+  priority order (every first choice in token order, then every second
+  choice, ...), counting per expert; the first `capacity` of each are kept."""
+  b_, t_, k_ = expert.shape
+  keep = np.zeros((b_, t_, k_), bool)
+  for b in range(b_):
+    count = np.zeros(num_experts, int)
+    for k in range(k_):
+      for t in range(t_):
+        if valid[b, t]:
+          keep[b, t, k] = count[expert[b, t, k]] < capacity
+          count[expert[b, t, k]] += 1
+  return keep
+
+
+@pytest.mark.parametrize('e_, k_, cf, sizes', [
+    (6, 2, 0.75, None), (4, 3, 1.0, None), (8, 1, 1.25, None),
+    (8, 2, 1.0, {'expert': 4}), (8, 2, 0.75, {'data': 2, 'expert': 2, 'tensor': 2})],
+    ids=['e6k2', 'e4k3', 'e8k1', 'expert4', 'data2_expert2_tensor2'])
+def test_capacity_dispatch_matches_gshard_reference_with_drops_and_uneven_padding(
+    e_, k_, cf, sizes):
+  """Outputs, kept assignments and gradients (tokens, gates, expert weights)
+  against a reference that runs every expert on every token and keeps what
+  the GShard loop keeps; rows padded unevenly (one entirely), T = 13 tokens
+  not a multiple of E, and a router skewed towards high experts so that
+  some of them overflow."""
+  b_, t_ = 4, 13
+  ks = jax.random.split(jax.random.key(7), 6)
+  x = jax.random.normal(ks[0], (b_, t_, D))
+  logits = jax.random.normal(ks[1], (b_, t_, e_)) + jnp.linspace(0.0, 2.0, e_)
+  expert, gate, _ = moe.top_k_routing(logits, k_, renormalize=True)
+  valid = np.ones((b_, t_), bool)
+  for b, pad in enumerate((0, 5, t_, 1)):
+    valid[b, t_ - pad:] = False
+  w = tuple(jax.random.normal(k, s) / math.sqrt(s[1]) for k, s in
+            zip(ks[2:5], ((e_, D, F), (e_, D, F), (e_, F, D))))
+  r = jax.random.normal(ks[5], (b_, t_, D))
+  cap = expert_lib.expert_capacity(t_, e_, k_, cf)
+  keep = _gshard_keep(np.asarray(expert), valid, e_, cap)
+  assert 0 < (~keep & valid[..., None]).sum() < keep.sum()  # some drops, most kept
+
+  def reference(x, gate, w):
+    g = jnp.einsum('btd,edf->btef', x, w[0])
+    u = jnp.einsum('btd,edf->btef', x, w[1])
+    y_all = jnp.einsum('btef,efd->bted', jax.nn.silu(g) * u, w[2])
+    y_k = jnp.take_along_axis(y_all, expert[..., None], axis=2)
+    return jnp.sum(jnp.where(keep[..., None], gate[..., None] * y_k, 0.0), axis=2)
+
+  def under_test(x, gate, w):
+    y, kept = expert_lib.dispatch_combine(
+        x, expert, gate, jnp.asarray(valid), w, (moe._W_IN_NAMES, moe._W_IN_NAMES,
+                                                 moe._W_OUT_NAMES),
+        moe.SWIGLU_EXPERTS, num_experts=e_, path='capacity', capacity_factor=cf)
+    return y, kept
+
+  def loss(fn):
+    return lambda x, gate, w: jnp.sum(fn(x, gate, w) * r)
+
+  want_y = reference(x, gate, w)
+  want_g = jax.grad(loss(reference), argnums=(0, 1, 2))(x, gate, w)
+  run = jax.jit(lambda x, gate, w: (under_test(x, gate, w), jax.grad(
+      loss(lambda *a: under_test(*a)[0]), argnums=(0, 1, 2))(x, gate, w)))
+  if sizes is None:
+    (y, kept), grads = run(x, gate, w)
+  else:
+    with shd.use_mesh(_mesh(sizes)):
+      (y, kept), grads = run(x, gate, w)
+  np.testing.assert_array_equal(kept, keep)
+  np.testing.assert_allclose(y, want_y, atol=ATOL, rtol=0)
+  assert not np.asarray(y)[~valid].any()  # padding tokens get nothing
+  for name, a, b in zip(('x', 'gate'), grads[:2], want_g[:2]):
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=name)
+  for name, a, b in zip(('gate', 'up', 'down'), grads[2], want_g[2]):
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=name)
+
+
+def test_routing_runs_per_device_without_gathering_tokens():
+  """On a data-parallel mesh every device routes its own tokens: no
+  all-gather (lax.top_k would gather the logits of the whole batch)."""
+  mesh = _mesh({'data': 8})
+  x, info, _ = _inputs()
+  graphdef, state = nnx.split(_model('capacity', cf=1.0))
+  fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, info))
+  with shd.use_mesh(mesh):
+    xs = jax.device_put(x, shd.named_sharding(mesh, ('batch', 'length', None)))
+    hlo = fwd.lower(_shard_state(state, mesh), xs).compile().as_text()
+  assert 'all-gather' not in hlo
+
+
 # ------------------------------------------------------- expert parallelism
 
 MESHES = [{'expert': 8}, {'data': 2, 'expert': 4}, {'data': 2, 'fsdp': 2, 'expert': 2},
