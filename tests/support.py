@@ -67,3 +67,19 @@ def window_probe(T=32, window=5):
   info = SequenceInfo(jnp.zeros((1, T, 3), jnp.int32), ones, 0 * ones, idx,
                       jnp.zeros((1, T), jnp.int8))
   return q, k, v, info
+
+
+def sample_text(split: str = 'validation') -> list[str]:
+  """The text segments of the sample corpus's text_lm records of `split`."""
+  import glob
+  import os
+  from array_record.python.array_record_module import ArrayRecordReader
+  from gemjax.data.records import decode_record
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  (path,) = glob.glob(os.path.join(root, f'data/sample/{split}/text_lm-*.array_record'))
+  reader = ArrayRecordReader(path)
+  try:
+    records = [decode_record(b, path) for b in reader.read_all()]
+  finally:
+    reader.close()
+  return [s['text'] for r in records for s in r['segments'] if s['kind'] == 'text']

@@ -157,7 +157,7 @@ def import_hf(hf_dir: str, out_dir: str, *, param_dtype: str = 'float32',
     raise CheckpointError(f'{hf_dir}: tensors gemjax does not know how to place: '
                           f'{unknown[:5]} (a {fam.model_type} variant gemjax does not support?)')
   mdef = state_lib.model_def(m)
-  abstract = ckpt_lib._flat(mdef.abstract_params)
+  abstract = ckpt_lib.flat_params(mdef.abstract_params)
   d = fam_lib.dims(m)
   dt = DTYPES[param_dtype]
   flat: dict[str, Any] = {}
@@ -183,7 +183,7 @@ def import_hf(hf_dir: str, out_dir: str, *, param_dtype: str = 'float32',
     if key != 'inputs/modality_MxD':
       raise AssertionError(f'no HF tensor for {key}')  # a bug in families.py
     flat[key] = np.zeros(abstract[key].shape, dt)
-  params = ckpt_lib._rebuild(mdef.abstract_params, flat)
+  params = ckpt_lib.unflatten_like(mdef.abstract_params, flat)
   meta = ckpt_lib.format_meta('gemjax.convert import', source={
       'model_type': fam.model_type, 'path': os.path.abspath(hf_dir),
       'dtype': src.dtype(), 'config': src.config})
@@ -314,7 +314,7 @@ def export_hf(checkpoint: str, out_dir: str, *, dtype: str | None = None,
     raise ConfigError(f'--vocab-size {vocab_size}: must be in [1, model.vocab_size='
                       f'{m.vocab_size}]')
   params, _, _ = restore.load_for_eval(cfg)
-  flat = ckpt_lib._flat(params)
+  flat = ckpt_lib.flat_params(params)
   modality = flat.get('inputs/modality_MxD')
   if modality is not None and np.any(np.asarray(modality)[0]) and not allow_modality_embedding:
     raise ConfigError(
@@ -356,41 +356,33 @@ def _write_safetensors(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]],
                        max_bytes: int) -> None:
   """One model.safetensors, or shards of at most `max_bytes` plus the index
   (each shard is written as soon as it is full)."""
-  shards: list[dict[str, np.ndarray]] = [{}]
-  sizes = [0]
-  files: list[str] = []
-  weight_map: dict[str, str] = {}
+  files: list[list[str]] = []   # tensor names per written shard
+  shard: dict[str, np.ndarray] = {}
+  size = 0
 
-  def flush(final: bool):
-    if not shards[-1]:
-      return
-    n = len(files) + 1
-    name = f'model-{n:05d}.safetensors'
-    save_file(shards[-1], os.path.join(out_dir, name), metadata={'format': 'pt'})
-    files.append(name)
-    for k in shards[-1]:
-      weight_map[k] = name
-    shards[-1] = {}
-    sizes[-1] = 0
+  def flush():
+    save_file(shard, os.path.join(out_dir, f'part-{len(files)}.safetensors'),
+              metadata={'format': 'pt'})
+    files.append(list(shard))
+    shard.clear()
 
   for name, t in tensors:
-    if shards[-1] and sizes[-1] + t.nbytes > max_bytes:
-      flush(False)
-    shards[-1][name] = t
-    sizes[-1] += t.nbytes
-  flush(True)
-  if len(files) == 1:
-    os.replace(os.path.join(out_dir, files[0]), os.path.join(out_dir, 'model.safetensors'))
-    return
+    if shard and size + t.nbytes > max_bytes:
+      flush()
+      size = 0
+    shard[name] = t
+    size += t.nbytes
+  if shard:
+    flush()
   total = len(files)
-  renamed = {}
-  for i, old in enumerate(files, 1):
-    new = f'model-{i:05d}-of-{total:05d}.safetensors'
-    os.replace(os.path.join(out_dir, old), os.path.join(out_dir, new))
-    renamed[old] = new
-  index = {'metadata': {}, 'weight_map': {k: renamed[v] for k, v in sorted(weight_map.items())}}
-  with open(os.path.join(out_dir, 'model.safetensors.index.json'), 'w') as f:
-    json.dump(index, f, indent=2)
+  names = (['model.safetensors'] if total == 1 else
+           [f'model-{i:05d}-of-{total:05d}.safetensors' for i in range(1, total + 1)])
+  for i, name in enumerate(names):
+    os.replace(os.path.join(out_dir, f'part-{i}.safetensors'), os.path.join(out_dir, name))
+  if total > 1:
+    weight_map = {k: name for name, keys in zip(names, files) for k in keys}
+    with open(os.path.join(out_dir, 'model.safetensors.index.json'), 'w') as f:
+      json.dump({'metadata': {}, 'weight_map': dict(sorted(weight_map.items()))}, f, indent=2)
 
 
 __all__ = ['HFCheckpoint', 'export_hf', 'finetune_config', 'import_hf']

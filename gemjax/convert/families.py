@@ -45,19 +45,25 @@ class Family:
   softcaps: bool = False     # attn_logit_softcapping / final_logit_softcapping
   query_scalar: bool = False  # query_pre_attn_scalar
   local_rope: bool = False   # rope_parameters per layer type (Gemma 3)
+  # Sliding windows it can express: 'none', 'all' (every layer or none),
+  # 'pattern' (n sliding layers then a global one, or all).
+  windows: str = 'none'
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family('llama', 'LlamaForCausalLM', norm_plus_one=False, activation='silu'),
-    Family('mistral', 'MistralForCausalLM', norm_plus_one=False, activation='silu'),
-    Family('mixtral', 'MixtralForCausalLM', norm_plus_one=False, activation='silu', moe=True),
+    Family('mistral', 'MistralForCausalLM', norm_plus_one=False, activation='silu',
+           windows='all'),
+    Family('mixtral', 'MixtralForCausalLM', norm_plus_one=False, activation='silu', moe=True,
+           windows='all'),
     Family('gemma', 'GemmaForCausalLM', norm_plus_one=True, activation='gelu_tanh',
            embed_scale=True),
     Family('gemma2', 'Gemma2ForCausalLM', norm_plus_one=True, activation='gelu_tanh',
-           embed_scale=True, post_norms=True, softcaps=True, query_scalar=True),
+           embed_scale=True, post_norms=True, softcaps=True, query_scalar=True,
+           windows='pattern'),
     Family('gemma3_text', 'Gemma3ForCausalLM', norm_plus_one=True, activation='gelu_tanh',
            embed_scale=True, post_norms=True, qk_norm=True, query_scalar=True,
-           local_rope=True),
+           local_rope=True, windows='pattern'),
 )}
 
 _ACTIVATIONS = {'silu': 'silu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_tanh': 'gelu_tanh',
@@ -182,9 +188,6 @@ def model_config(hf: dict, where: str) -> dict:
   if fam.softcaps:
     m['attn_softcap'] = float(hf.get('attn_logit_softcapping') or 0.0)
     m['final_softcap'] = float(hf.get('final_logit_softcapping') or 0.0)
-  elif hf.get('attn_logit_softcapping') or hf.get('final_logit_softcapping'):
-    m['attn_softcap'] = float(hf.get('attn_logit_softcapping') or 0.0)
-    m['final_softcap'] = float(hf.get('final_logit_softcapping') or 0.0)
   if fam.query_scalar:
     m['query_scale'] = float(need('query_pre_attn_scalar')) ** -0.5
   if fam.moe:
@@ -208,9 +211,9 @@ def hf_config(m: ModelConfig, fam: Family, base: dict | None = None) -> dict:
       tie_word_embeddings=m.tie_embeddings)
   out.setdefault('max_position_embeddings', 8192)
   act = 'gelu_pytorch_tanh' if fam.activation == 'gelu_tanh' else 'silu'
-  out['hidden_activation' if fam.model_type.startswith('gemma') else 'hidden_act'] = act
+  out['hidden_act'] = act
   if fam.model_type.startswith('gemma'):
-    out['hidden_act'] = act
+    out['hidden_activation'] = act
   rope = {'rope_theta': m.rope_base, 'rope_type': 'default'}
   r = m.rope_scaling
   if r.kind == 'linear':
@@ -279,20 +282,14 @@ def _matches(m: ModelConfig, fam: Family) -> bool:
           and (fam.softcaps or not (m.attn_softcap or m.final_softcap))
           and m.encoder_layers == 0 and m.moe.shared_experts == 0
           and (not m.moe.num_experts or m.moe.moe_every == 1)
-          and m.local_layers in _WINDOW_PATTERNS.get(fam.model_type, (0,)))
+          and _window_ok(fam, m.local_layers))
 
 
-# model.local_layers values each family can express (0: no window, -1: all
-# layers slide, n > 0: n sliding layers then a global one).
-_WINDOW_PATTERNS = {'mistral': (0, -1), 'mixtral': (0, -1)}
-
-
-class _AnyPattern(tuple):
-  def __contains__(self, n) -> bool:
-    return isinstance(n, int) and n >= -1
-
-
-_WINDOW_PATTERNS.update(gemma2=_AnyPattern(), gemma3_text=_AnyPattern())
+def _window_ok(fam: Family, local_layers: int) -> bool:
+  """Whether the family expresses model.local_layers (0: no window, -1: all
+  layers slide, n > 0: n sliding layers then a global one)."""
+  return {'none': local_layers == 0, 'all': local_layers in (0, -1),
+          'pattern': local_layers >= -1}[fam.windows]
 
 
 # ------------------------------------------------------------------ tensors

@@ -92,15 +92,20 @@ def _key_name(k: Any) -> str:
   return str(k)
 
 
-def _flat(tree: Any) -> dict[str, Any]:
+def key_of(path) -> str:
+  """A tree path as the 'params/layers/blocks/0/attn/wq' key of `flat_params`."""
+  return '/'.join(_key_name(k) for k in path)
+
+
+def flat_params(tree: Any) -> dict[str, Any]:
   """'params/layers/blocks/0/attn/wq' -> leaf; dicts, namedtuples, lists alike."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {'/'.join(_key_name(k) for k in path): leaf for path, leaf in flat}
+  return {key_of(path): leaf for path, leaf in flat}
 
 
 def check_shapes(saved: Any, expected: Any, where: str) -> None:
   """Raises CheckpointError naming the first missing/extra/mismatched leaf."""
-  saved_flat, expected_flat = _flat(saved), _flat(expected)
+  saved_flat, expected_flat = flat_params(saved), flat_params(expected)
   missing = sorted(set(expected_flat) - set(saved_flat))
   extra = sorted(set(saved_flat) - set(expected_flat))
   if missing or extra:
@@ -265,19 +270,17 @@ def load_params(path: str, abstract_params: Any) -> Any:
   """Parameters only, from a run dir or step dir, onto the given shardings."""
   step_dir = resolve_step_dir(path)
   check_format(step_dir)
+  check_shapes(_saved_params(step_dir), abstract_params, str(step_dir / 'state'))
+  return _restore_params(step_dir, abstract_params)
+
+
+def _restore_params(step_dir: epath.Path, abstract_params: Any) -> Any:
+  """The 'params' entry of a step's state, onto `abstract_params`' shapes and
+  shardings (the optimizer state is not read)."""
   state_dir = step_dir / 'state'
-  ckptr = ocp.PyTreeCheckpointer()
-  try:
-    meta = ckptr.metadata(state_dir)
-  except Exception as e:
-    raise CheckpointError(f'checkpoint {state_dir} is unreadable: {e}') from e
-  tree = _tree_of(getattr(meta, 'item_metadata', meta))
-  if not isinstance(tree, dict) or 'params' not in tree:
-    raise CheckpointError(f'checkpoint {state_dir} has no params entry')
-  check_shapes(tree['params'], abstract_params, str(state_dir))
   target = {'params': abstract_params}
   try:
-    out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+    out = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=_restore_args(target), partial_restore=True))
   except Exception as e:
     raise CheckpointError(f'restoring params from {state_dir} failed: {e}') from e
@@ -289,7 +292,7 @@ def load_params(path: str, abstract_params: Any) -> Any:
 VOCAB_AXES = {'embedding_VxD': 0, 'head_DxV': 1}
 
 
-def _vocab_axis(key: str) -> int | None:
+def vocab_axis(key: str) -> int | None:
   return VOCAB_AXES.get(key.split('/')[-1])
 
 
@@ -302,12 +305,12 @@ def loaded_extent(path: str, abstract_params: Any) -> dict[str, int]:
   check_format(step_dir)
   saved = _saved_params(step_dir)
   out = {}
-  for key, exp in _flat(abstract_params).items():
+  for key, exp in flat_params(abstract_params).items():
     got = saved.get(key)
     if got is None:
       out[key] = 0
     elif tuple(got.shape) == tuple(exp.shape):
-      axis = _vocab_axis(key)
+      axis = vocab_axis(key)
       out[key] = exp.shape[axis if axis is not None else 0]
     else:
       out[key] = got.shape[_grown_axis(key, got.shape, exp.shape, str(step_dir))]
@@ -319,7 +322,7 @@ def loaded_extent(path: str, abstract_params: Any) -> dict[str, int]:
 
 
 def _grown_axis(key: str, saved: tuple, expected: tuple, where: str) -> int:
-  axis = _vocab_axis(key)
+  axis = vocab_axis(key)
   ok = (axis is not None and len(saved) == len(expected) and saved[axis] < expected[axis]
         and all(s == e for i, (s, e) in enumerate(zip(saved, expected)) if i != axis))
   if not ok:
@@ -339,7 +342,7 @@ def _saved_params(step_dir: epath.Path) -> dict[str, Any]:
   tree = _tree_of(getattr(meta, 'item_metadata', meta))
   if not isinstance(tree, dict) or 'params' not in tree:
     raise CheckpointError(f'checkpoint {state_dir} has no params entry')
-  return _flat(tree['params'])
+  return flat_params(tree['params'])
 
 
 def load_params_partial(path: str, fresh: Any) -> Any:
@@ -351,7 +354,7 @@ def load_params_partial(path: str, fresh: Any) -> Any:
   step_dir = resolve_step_dir(path)
   extent = loaded_extent(path, fresh)
   saved = _saved_params(step_dir)
-  fresh_flat = _flat(fresh)
+  fresh_flat = flat_params(fresh)
   # Restore what the checkpoint has, each leaf at its saved shape, replicated
   # on the fresh leaf's devices (a grown table cannot keep its sharding).
   target = {}
@@ -363,24 +366,16 @@ def load_params_partial(path: str, fresh: Any) -> Any:
                 jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
                 if isinstance(leaf.sharding, jax.sharding.NamedSharding) else leaf.sharding)
     target[key] = jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
-  nested = _select(fresh, target)
-  state_dir = step_dir / 'state'
-  try:
-    out = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-        item={'params': nested}, restore_args=_restore_args({'params': nested}),
-        partial_restore=True))
-  except Exception as e:
-    raise CheckpointError(f'restoring params from {state_dir} failed: {e}') from e
-  loaded = _flat(out['params'])
+  loaded = flat_params(_restore_params(step_dir, _select(fresh, target)))
   merged = {}
   for key, leaf in fresh_flat.items():
     if extent[key] == 0:
       merged[key] = leaf
-    elif key not in loaded or loaded[key].shape == leaf.shape:
+    elif loaded[key].shape == leaf.shape:
       merged[key] = loaded[key]
     else:
-      merged[key] = _grow(loaded[key], leaf, _vocab_axis(key))
-  return _rebuild(fresh, merged)
+      merged[key] = _grow(loaded[key], leaf, vocab_axis(key))
+  return unflatten_like(fresh, merged)
 
 
 def _grow(old: jax.Array, fresh: jax.Array, axis: int) -> jax.Array:
@@ -409,9 +404,10 @@ def _select(tree: Any, flat: dict[str, Any], prefix: str = '') -> Any:
   return out or None
 
 
-def _rebuild(like: Any, flat: dict[str, Any]) -> Any:
+def unflatten_like(like: Any, flat: dict[str, Any]) -> Any:
+  """`flat_params`' inverse: `like`'s structure with the leaves of `flat`."""
   paths, treedef = jax.tree_util.tree_flatten_with_path(like)
-  keys = ['/'.join(_key_name(k) for k in p) for p, _ in paths]
+  keys = [key_of(p) for p, _ in paths]
   return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
 
 

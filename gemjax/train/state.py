@@ -27,6 +27,7 @@ from gemjax.model.decoder import flatten_aux
 from gemjax.model.loss import chunked_cross_entropy, cross_entropy
 from gemjax.model.spec import decoder_spec
 from gemjax.parallel import sharding as shd
+from gemjax.train import checkpoint as ckpt_lib
 
 
 @dataclasses.dataclass
@@ -157,8 +158,6 @@ def freeze_loaded(loaded: dict[str, int], steps: int) -> optax.GradientTransform
   loaded: `loaded[key]` leading entries (vocabulary rows for the embedding
   and head, the whole parameter otherwise; 0 = a new parameter, trained).
   Counts its own steps, so a resumed run keeps the schedule."""
-  vocab_axes = {'embedding_VxD': 0, 'head_DxV': 1}
-
   def init(params):
     del params
     return FreezeState(jnp.zeros((), jnp.int32))
@@ -168,11 +167,11 @@ def freeze_loaded(loaded: dict[str, int], steps: int) -> optax.GradientTransform
     frozen_now = state.count < steps
 
     def mask(path, u):
-      key = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+      key = ckpt_lib.key_of(path)
       n = loaded.get(key, 0)
       if n == 0:
         return u
-      axis = vocab_axes.get(key.split('/')[-1], 0)
+      axis = ckpt_lib.vocab_axis(key) or 0
       idx = jax.lax.broadcasted_iota(jnp.int32, u.shape, axis)
       return jnp.where(frozen_now & (idx < n), jnp.zeros_like(u), u)
 

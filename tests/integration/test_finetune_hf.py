@@ -3,7 +3,6 @@ BPE tokenizer.json, built here) imported with gemjax.convert, grown into the
 multimodal model of configs/finetune-multimodal.yaml, trained two steps on
 the sample corpus on an 8-device fsdp mesh."""
 
-import glob
 import os
 
 import jax
@@ -16,21 +15,10 @@ from gemjax import convert
 from gemjax.config import load_config
 from gemjax.data import registry
 from gemjax.train.loop import Trainer
+from support import sample_text
 
 tk = pytest.importorskip('tokenizers')
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _sample_text() -> list[str]:
-  from array_record.python.array_record_module import ArrayRecordReader
-  from gemjax.data.records import decode_record
-  (path,) = glob.glob(os.path.join(ROOT, 'data/sample/train/text_lm-*.array_record'))
-  reader = ArrayRecordReader(path)
-  try:
-    records = [decode_record(b, path) for b in reader.read_all()]
-  finally:
-    reader.close()
-  return [s['text'] for r in records for s in r['segments'] if s['kind'] == 'text']
 
 
 def _pretrained(hf_dir: str) -> int:
@@ -38,7 +26,7 @@ def _pretrained(hf_dir: str) -> int:
   tok = tk.Tokenizer(tk.models.BPE())
   tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tk.decoders.ByteLevel()
-  tok.train_from_iterator(_sample_text(), tk.trainers.BpeTrainer(
+  tok.train_from_iterator(sample_text(), tk.trainers.BpeTrainer(
       vocab_size=400, special_tokens=['<s>', '</s>'],
       initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
   os.makedirs(hf_dir)

@@ -8,7 +8,6 @@ that prepends its bos, so that add_special_tokens=False is observable.
 transformers' PreTrainedTokenizerFast over the same file is the reference.
 """
 
-import glob
 import json
 import pickle
 
@@ -18,6 +17,7 @@ import pytest
 from gemjax.errors import ConfigError
 from gemjax.tokenizers.text import ByteTokenizer, HFTokenizer, load_text_tokenizer
 from gemjax.tokenizers.vocab import NUM_SPECIAL, SPECIAL_NAMES
+from support import sample_text
 
 tk = pytest.importorskip('tokenizers')
 
@@ -37,18 +37,6 @@ SAMPLES = (
 )
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def _sample_text(split: str = 'validation') -> list[str]:
-  from array_record.python.array_record_module import ArrayRecordReader
-  from gemjax.data.records import decode_record
-  (path,) = glob.glob(f'data/sample/{split}/text_lm-*.array_record')
-  reader = ArrayRecordReader(path)
-  try:
-    records = [decode_record(b, path) for b in reader.read_all()]
-  finally:
-    reader.close()
-  return [s['text'] for r in records for s in r['segments'] if s['kind'] == 'text']
 
 
 def _llama3_like(corpus: list[str]):
@@ -92,7 +80,7 @@ def _llama2_like(corpus: list[str]):
 
 @pytest.fixture(scope='module')
 def corpus():
-  return _sample_text('validation')
+  return sample_text('validation')
 
 
 @pytest.fixture(scope='module', params=['llama3', 'llama2'])
@@ -249,7 +237,7 @@ def test_sequence_builder_and_config_use_a_tokenizer_json(llama3_file):
   from gemjax.data import registry
   from gemjax.data.sequence import SequenceBuilder
   tok = load_text_tokenizer(llama3_file)
-  text = _sample_text('test')[0][:1500]
+  text = sample_text('test')[0][:1500]
   record = {'segments': [{'kind': 'text', 'text': 'Summarise:', 'predict': False},
                          {'kind': 'text', 'text': text, 'predict': True}]}
   builder = SequenceBuilder(tok)
