@@ -266,19 +266,26 @@ class DatasetConfig:
   # ArrayRecord shards (glob/prefix/dir), a folder, a .jsonl manifest, or 'tfds:NAME'.
   path: str = ''
   weight: float = 1.0
-  # 'auto' | 'array_record' | 'folder' | 'jsonl' | 'tfds' | 'pairs'
+  # 'auto' | 'array_record' | 'folder' | 'jsonl' | 'tfds' | 'pairs' | 'image_video'
   kind: str = 'auto'
   # TFDS split / data_dir (TFDS only).
   split: str = 'train'
   data_dir: str = ''
   # kind 'pairs' (gemjax/data/pairs.py): matching examples composed on the fly
   # from `path` and `pair_with` (same split), half with equal meta[pair_label].
+  # kind 'image_video' (gemjax/data/compose.py): videos composed on the fly
+  # from the labelled images of `path`, `compose_frames` [min, max] distinct
+  # images at `compose_fps`, answered with their meta[pair_label] in order.
+  # Both: pair_prompt is the question, pair_task the task name.
   pair_with: str = ''
   pair_label: str = 'digit'
   pair_prompt: str = ''
   pair_task: str = 'match'
-  # Distinct pairs per epoch; 0 = len(path) x len(pair_with).
+  # Distinct composed examples per epoch; 0 = len(path) x len(pair_with)
+  # ('pairs'), len(path) ('image_video').
   pair_size: int = 0
+  compose_frames: list[int] = dataclasses.field(default_factory=lambda: [3, 5])
+  compose_fps: float = 1.0
   # Classifier-free guidance training (gemjax/data/condition.py): the
   # probability that a training record loses its prompt (the unpredicted text
   # before its first predicted image). Training only; in [0, 1).

@@ -311,28 +311,10 @@ def build_human_speech(out: str, root: str, bits: int) -> dict:
 
 
 def mp4_bytes(frames_Fx28x28: np.ndarray, fps: int = 1) -> bytes:
-  """Gray frames -> MP4 (MPEG-4 Part 2, ffmpeg's own encoder, inside PyAV).
-
-  Not H.264: libx264 gave different bytes for the same frames in different
-  processes (28 is not a multiple of its 16-pixel macroblocks), and a rebuild
-  should reproduce the committed files exactly.
-  """
-  import av
-
-  buf = io.BytesIO()
-  with av.open(buf, mode='w', format='mp4') as container:
-    stream = container.add_stream('mpeg4', rate=fps)
-    stream.width, stream.height = frames_Fx28x28.shape[2], frames_Fx28x28.shape[1]
-    stream.pix_fmt = 'yuv420p'
-    stream.options = {'qscale': '3'}
-    stream.codec_context.thread_count = 1
-    for frame in frames_Fx28x28:
-      rgb = np.repeat(frame[..., None], 3, axis=-1)
-      for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format='rgb24')):
-        container.mux(packet)
-    for packet in stream.encode():
-      container.mux(packet)
-  return buf.getvalue()
+  """Gray frames -> MP4: gemjax's own encoder, shared with the videos that
+  training composes on the fly (gemjax/data/compose.py)."""
+  from gemjax.tokenizers.video import encode_mp4
+  return encode_mp4(frames_Fx28x28, fps)
 
 
 # ------------------------------------------------------------------- photos, text

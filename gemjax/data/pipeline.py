@@ -3,7 +3,8 @@
     per dataset:  source[process_index::process_count]   (disjoint per process)
                   -> shuffle(seed, reshuffled every epoch) -> repeat
                   -> decode record [+ condition dropout, training only: cond_dropout]
-                  -> SequenceBuilder.build (bad-record policy)
+                  -> SequenceBuilder.build (bad-record policy) [+ media
+                     augmentation, training only: augment_image / augment_audio]
     mix datasets by weight (deterministic interleave, Grain IterDataset.mix)
     -> pack into rows [T] (multimodal-aware budgets, gemjax.data.packing)
     -> batch [B, ...] -> multiprocess prefetch (num_workers, 0 = in-process)
@@ -25,8 +26,8 @@ source and index. Examples with patches that cannot fit one row are dropped
 and counted as `dropped`. See `PipelineIterator.stats`.
 
 Imports grain, numpy, gemjax.batch, gemjax.config (DatasetConfig: the
-datasets are the run config's own), gemjax.data.{condition, packing, records,
-sources}, gemjax.errors. The sequence builder is passed in (any object with
+datasets are the run config's own), gemjax.data.{augment, condition, packing,
+records, sources}, gemjax.errors. The sequence builder is passed in (any object with
 `build(record, source=...) -> example`), so this room does not depend on the
 tokenizers.
 """
@@ -43,6 +44,7 @@ import numpy as np
 
 from gemjax import batch as batch_lib
 from gemjax.config import DatasetConfig
+from gemjax.data import augment
 from gemjax.data import condition
 from gemjax.data import packing
 from gemjax.data import records
@@ -57,7 +59,10 @@ BAD_RECORD_POLICIES = ('skip', 'strict')
 class ExampleBuilder(Protocol):
   """What the pipeline needs of `gemjax.data.sequence.SequenceBuilder`."""
 
-  def build(self, record: dict, source: str = ...) -> Mapping[str, np.ndarray]:
+  def build(self, record: dict, source: str = ..., augment: Any = ...
+            ) -> Mapping[str, np.ndarray]:
+    """`augment` (a per-record `augment.RecordAugment`) is only passed when a
+    dataset sets augment_image / augment_audio."""
     ...
 
 
@@ -66,8 +71,9 @@ def open_dataset(ds: DatasetConfig, *, seed: int = 0,
   """The random-access source of one dataset of the mixture.
 
   `ds` is the run config's `data.datasets[i]` (`gemjax.config.DatasetConfig`):
-  path, kind, TFDS split / data_dir ('' = TFDS's default), and the kind
-  'pairs' settings. `seed` composes the pairs (`gemjax.data.pairs`);
+  path, kind, TFDS split / data_dir ('' = TFDS's default), and the settings
+  of the composed kinds 'pairs' (`gemjax.data.pairs`) and 'image_video'
+  (`gemjax.data.compose`), which `seed` composes;
   `convert` turns a TFDS example into a record (TFDS only; picklable).
   """
   if ds.kind == 'pairs':
@@ -78,6 +84,15 @@ def open_dataset(ds: DatasetConfig, *, seed: int = 0,
                             sources.open_source('auto', ds.pair_with),
                             label_key=ds.pair_label, prompt=ds.pair_prompt,
                             size=ds.pair_size, seed=seed, task=ds.pair_task)
+  if ds.kind == 'image_video':
+    from gemjax.data.compose import ImageVideoSource
+    if len(ds.compose_frames) != 2:
+      raise ConfigError(f'dataset {ds.path!r}: compose_frames = {ds.compose_frames}; '
+                        f'expected [min, max]')
+    return ImageVideoSource(sources.open_source('auto', ds.path), label_key=ds.pair_label,
+                            prompt=ds.pair_prompt, frames=tuple(ds.compose_frames),
+                            fps=ds.compose_fps, size=ds.pair_size, seed=seed,
+                            task=ds.pair_task)
   return sources.open_source(ds.kind, ds.path, split=ds.split,
                              data_dir=ds.data_dir or None, convert=convert)
 
@@ -145,25 +160,40 @@ class DataSettings:
 class DecodeAndBuild:
   """Grain map: source item -> example, or a bad marker (or raise if strict).
 
-  With `cond_dropout` p > 0 (training), called as a map-with-index: element
-  `index` of the dataset's shuffled, repeated stream loses its condition
-  (`condition.drop_condition`) when `condition.drops_condition(p, seed,
-  stream, index)`, `stream` = (dataset index, process index). The index
-  counts across epochs, so each epoch draws afresh, and it is part of Grain's
-  checkpointed position, so a resumed run drops the same records.
+  With `cond_dropout` p > 0 or augmentation (training), called as a
+  map-with-index: element `index` of the dataset's shuffled, repeated stream
+  loses its condition (`condition.drop_condition`) when
+  `condition.drops_condition(p, seed, stream, index)`, and its media are
+  augmented (`augment.RecordAugment`, each image / frame with probability
+  `augment_image`, each audio clip with `augment_audio`) from
+  `augment.augment_rng(seed, stream, index)`; `stream` = (dataset index,
+  process index). The index counts across epochs, so each epoch draws afresh,
+  and it is part of Grain's checkpointed position, so a resumed run drops and
+  augments the same records in the same way.
   """
 
   def __init__(self, builder: ExampleBuilder, strict: bool, *, cond_dropout: float = 0.0,
+               augment_image: float = 0.0, augment_audio: float = 0.0,
                seed: int = 0, stream: tuple[int, ...] = ()):
     self.builder = builder
     self.strict = strict
     self.cond_dropout, self.seed, self.stream = cond_dropout, seed, tuple(stream)
+    self.augment_image, self.augment_audio = augment_image, augment_audio
+
+  @property
+  def uses_index(self) -> bool:
+    return self.cond_dropout > 0 or self.augment_image > 0 or self.augment_audio > 0
 
   def with_index(self, index: int, item: Mapping[str, Any]) -> dict[str, Any]:
     drop = condition.drops_condition(self.cond_dropout, self.seed, self.stream, index)
-    return self(item, drop_condition=drop)
+    aug = None
+    if self.augment_image > 0 or self.augment_audio > 0:
+      aug = augment.RecordAugment(augment.augment_rng(self.seed, self.stream, index),
+                                  image_p=self.augment_image, audio_p=self.augment_audio)
+    return self(item, drop_condition=drop, augment=aug)
 
-  def __call__(self, item: Mapping[str, Any], drop_condition: bool = False) -> dict[str, Any]:
+  def __call__(self, item: Mapping[str, Any], drop_condition: bool = False,
+               augment: Any = None) -> dict[str, Any]:
     where = item['where']
     try:
       if 'error' in item:
@@ -173,7 +203,10 @@ class DecodeAndBuild:
         record = records.decode_record(bytes(record), where)
       if drop_condition:
         record = condition.drop_condition(record)
-      example = self.builder.build(record, source=where)
+      if augment is None:
+        example = self.builder.build(record, source=where)
+      else:
+        example = self.builder.build(record, source=where, augment=augment)
     except BadInputError as e:
       if self.strict:
         raise
@@ -233,10 +266,14 @@ def build_dataset(settings: DataSettings, builder: ExampleBuilder, *,
     epochs = settings.num_epochs if (train or settings.num_epochs) else 1
     if epochs != 1:
       ds = ds.repeat(epochs)
-    p = ds_spec.cond_dropout if train else 0.0   # never in evaluation
-    decode = DecodeAndBuild(builder, strict, cond_dropout=p, seed=seed,
-                            stream=(i, process_index))
-    parts.append(ds.map_with_index(decode.with_index) if p > 0 else ds.map(decode))
+    # Condition dropout and augmentation: training only, never in evaluation.
+    decode = DecodeAndBuild(
+        builder, strict, seed=seed, stream=(i, process_index),
+        cond_dropout=ds_spec.cond_dropout if train else 0.0,
+        augment_image=ds_spec.augment_image if train else 0.0,
+        augment_audio=ds_spec.augment_audio if train else 0.0)
+    parts.append(ds.map_with_index(decode.with_index) if decode.uses_index
+                 else ds.map(decode))
   if not train:
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
     it_ds = mixed.to_iter_dataset(read_options)

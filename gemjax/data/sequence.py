@@ -66,6 +66,15 @@ Continuous inputs, per modality m in (image, audio, video), always present:
   tokens of each patch's placeholder (ascending). Examples are self-contained:
   packing concatenates them, adds segment_ids and offsets the slots.
 
+Training-time augmentation: `build(record, source, augment)` with an
+augmenter (gemjax/data/augment.py `RecordAugment`: `image(pixels_HxWx3)`,
+`audio(waveform, sample_rate)`, each returning a new array) changes media
+inputs before they are patched: images and video frames as decoded pixels
+(frames at their grid size), audio clips as waveforms at the tokenizer's
+rate. Decoded pixels / waveforms are cached like tokens; the augmented
+result never is. Predicted images, image codes and a video's audio track are
+never augmented.
+
 `collate` pads a list of examples (one per row, no packing) to a fixed T and
 fixed per-modality patch budgets: the batch contract of gemjax/batch.py.
 
@@ -296,8 +305,10 @@ class SequenceBuilder:
     return {'image': self.image.patch_dim, 'audio': self.audio.patch_dim,
             'video': self.video.patch_dim}
 
-  def build(self, record: Mapping[str, Any], source: str = '<record>') -> dict[str, np.ndarray]:
-    """One record -> one unbatched example dict; BadInputError on bad input."""
+  def build(self, record: Mapping[str, Any], source: str = '<record>',
+            augment: Any = None) -> dict[str, np.ndarray]:
+    """One record -> one unbatched example dict; BadInputError on bad input.
+    `augment`: a per-record augmenter (module docstring), or None."""
     segments = self._check_record(record, source)
     seq = _Sequence(self.layout, self.patch_dims)
     if self.add_bos:
@@ -311,7 +322,7 @@ class SequenceBuilder:
         kind, add = 'image_code', 'predicted_image'
       w = float(self.loss_weights[kind]) if predict else 0.0
       try:
-        getattr(self, f'_add_{add}')(seq, seg, w, seg_source)
+        getattr(self, f'_add_{add}')(seq, seg, w, seg_source, augment)
       except BadInputError:
         raise
       except Exception as e:  # a library failed in a way we did not foresee
@@ -353,28 +364,44 @@ class SequenceBuilder:
 
   # One method per segment kind; each appends its tokens to `seq`.
 
-  def _add_text(self, seq: _Sequence, seg, w: float, source: str):
+  def _add_text(self, seq: _Sequence, seg, w: float, source: str, augment=None):
     seq.text_like(self.text.encode(seg['text'], source=source), w)
 
-  def _add_image(self, seq: _Sequence, seg, w: float, source: str):
-    tokens = self._tokenize('image', self.image.tokenize, seg['data'], source)
+  def _pixels(self, data, source: str) -> np.ndarray:
+    return np.asarray(self.image.decode(data, source))
+
+  def _add_image(self, seq: _Sequence, seg, w: float, source: str, augment=None):
+    if augment is None:
+      tokens = self._tokenize('image', self.image.tokenize, seg['data'], source)
+    else:
+      pixels = self._tokenize('pixels', self._pixels, seg['data'], source)
+      tokens = self.image.tokenize(augment.image(pixels), source)
     seq.text_like([self.layout.begin_image], w)
     st = seq.next_pos
     seq.patch_block('image', tokens.patches, _grid_positions(st, 0, tokens.positions),
                     seq.new_block())
     seq.text_like([self.layout.end_image], w)
 
-  def _add_audio(self, seq: _Sequence, seg, w: float, source: str):
-    tokens = self._tokenize('audio', self.audio.tokenize, seg['data'], source,
-                            sample_rate=seg.get('sample_rate'))
+  def _add_audio(self, seq: _Sequence, seg, w: float, source: str, augment=None):
+    if augment is None:
+      tokens = self._tokenize('audio', self.audio.tokenize, seg['data'], source,
+                              sample_rate=seg.get('sample_rate'))
+    else:
+      y = self._tokenize('waveform', self.audio.load, seg['data'], source,
+                         sample_rate=seg.get('sample_rate'))
+      tokens = self.audio.tokenize_waveform(augment.audio(y, self.audio.sample_rate), source)
     seq.text_like([self.layout.begin_audio], w)
     seq.patch_block('audio', tokens.patches, _audio_positions(seq.next_pos, tokens),
                     seq.new_block())
     seq.text_like([self.layout.end_audio], w)
 
-  def _add_video(self, seq: _Sequence, seg, w: float, source: str):
-    video = self._tokenize('video', self.video.tokenize, seg['data'], source,
-                           frame_rate=seg.get('frame_rate'))
+  def _add_video(self, seq: _Sequence, seg, w: float, source: str, augment=None):
+    if augment is None:
+      video = self._tokenize('video', self.video.tokenize, seg['data'], source,
+                             frame_rate=seg.get('frame_rate'))
+    else:
+      video = self.video.tokenize(seg['data'], source, frame_rate=seg.get('frame_rate'),
+                                  frame_transform=augment.image)
     seq.text_like([self.layout.begin_video], w)
     st = seq.next_pos
     tau = video.time_positions
@@ -398,7 +425,7 @@ class SequenceBuilder:
     pixels = np.asarray(self.image.decode(data, source))   # RGB uint8 [H, W, 3]
     return np.asarray(self.image_codes.encode(pixels), np.int32)
 
-  def _add_predicted_image(self, seq: _Sequence, seg, w: float, source: str):
+  def _add_predicted_image(self, seq: _Sequence, seg, w: float, source: str, augment=None):
     if self.image_codes is None:
       raise BadInputError('image', source, 'an image with predict=True is trained as '
                           'discrete image codes, and this builder has no image code '
@@ -407,7 +434,7 @@ class SequenceBuilder:
     codes = self._tokenize('image_code', self._encode_codes, seg['data'], source)
     self._add_image_code(seq, {'codes': codes}, w, source)
 
-  def _add_image_code(self, seq: _Sequence, seg, w: float, source: str):
+  def _add_image_code(self, seq: _Sequence, seg, w: float, source: str, augment=None):
     codes = np.asarray(seg['codes'])
     if codes.ndim not in (1, 2) or codes.size == 0 or not np.issubdtype(codes.dtype, np.integer):
       raise BadInputError('image_code', source, f'codes must be a non-empty [n] or '

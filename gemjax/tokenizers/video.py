@@ -31,6 +31,7 @@ gemjax.errors.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import io
 import math
 import os
@@ -125,10 +126,15 @@ class VideoTokenizer:
     return self.audio.positions_per_second
 
   def tokenize(self, data: Any, source: str | None = None,
-               frame_rate: float | None = None) -> VideoTokens:
-    """bytes / path / array [F, H, W, 3] (+ its frame_rate) -> VideoTokens."""
+               frame_rate: float | None = None, frame_transform=None) -> VideoTokens:
+    """bytes / path / array [F, H, W, 3] (+ its frame_rate) -> VideoTokens.
+
+    `frame_transform(uint8 [h, w, 3]) -> uint8 [h, w, 3]` (e.g. training
+    augmentation) is applied to each sampled frame at its grid size, before
+    patching.
+    """
     if isinstance(data, np.ndarray):
-      return self.tokenize_frames(data, frame_rate, source or '<array>')
+      return self.tokenize_frames(data, frame_rate, source or '<array>', frame_transform)
     if isinstance(data, (str, os.PathLike)):
       source = source or os.fspath(data)
       data = os.fspath(data)
@@ -142,7 +148,7 @@ class VideoTokenizer:
     else:
       raise BadInputError('video', source or '<unknown>', f'expected bytes, a path '
                           f'or a frame array, got {type(data).__name__}')
-    frames, times = self._decode_frames(data, source)
+    frames, times = self._decode_frames(data, source, frame_transform)
     audio = self._decode_audio(data, source, times) if self.include_audio else None
     return self._video_tokens(frames, times, audio)
 
@@ -156,7 +162,8 @@ class VideoTokenizer:
     import av
     return av.open(io.BytesIO(data) if isinstance(data, bytes) else data, mode='r')
 
-  def _decode_frames(self, data, source: str) -> tuple[list[ImageTokens], np.ndarray]:
+  def _decode_frames(self, data, source: str, transform=None
+                     ) -> tuple[list[ImageTokens], np.ndarray]:
     sampler = _FrameSampler(self.fps, self.max_frames)
     frames, times = [], []
     try:
@@ -172,7 +179,7 @@ class VideoTokenizer:
             if sampler.full:
               break
             continue
-          frames.append(self._frame_tokens(frame, source))
+          frames.append(self._frame_tokens(frame, source, transform))
           times.append(max(t, 0.0))
     except BadInputError:
       raise
@@ -183,7 +190,7 @@ class VideoTokenizer:
       raise BadInputError('video', source, 'no decodable video frames')
     return frames, np.asarray(times, np.float64)
 
-  def _frame_tokens(self, frame, source: str) -> ImageTokens:
+  def _frame_tokens(self, frame, source: str, transform=None) -> ImageTokens:
     w, h = frame.width, frame.height
     if w * h > self.image.max_pixels:
       raise BadInputError('video', source, f'{w}x{h} frames are over the limit '
@@ -203,6 +210,8 @@ class VideoTokenizer:
                                  interpolation='BICUBIC')
     if quarter_turns:
       rgb_HxWx3 = np.rot90(rgb_HxWx3, quarter_turns)
+    if transform is not None:
+      rgb_HxWx3 = transform(rgb_HxWx3)
     return self.image.tokenize_resized(rgb_HxWx3)
 
   def _decode_audio(self, data, source: str, frame_times: np.ndarray) -> AudioTokens | None:
@@ -225,7 +234,7 @@ class VideoTokenizer:
     return tokens.select(tokens.times < end)
 
   def tokenize_frames(self, frames_FxHxWx3: np.ndarray, frame_rate: float | None,
-                      source: str = '<array>') -> VideoTokens:
+                      source: str = '<array>', frame_transform=None) -> VideoTokens:
     """Already-decoded frames [F, H, W, 3] at `frame_rate` (default: self.fps)."""
     a = np.asarray(frames_FxHxWx3)
     if a.ndim != 4 or a.shape[0] < 1:
@@ -240,7 +249,44 @@ class VideoTokenizer:
         if sampler.full:
           break
         continue
-      im = self.image.resize_to_grid(self.image.decode(a[k], source))
-      frames.append(self.image.tokenize_resized(np.asarray(im)))
+      rgb_HxWx3 = np.asarray(self.image.resize_to_grid(self.image.decode(a[k], source)))
+      if frame_transform is not None:
+        rgb_HxWx3 = frame_transform(rgb_HxWx3)
+      frames.append(self.image.tokenize_resized(rgb_HxWx3))
       times.append(t)
     return self._video_tokens(frames, times)
+
+
+def encode_mp4(frames_FxHxW: np.ndarray, fps: float = 1.0) -> bytes:
+  """Gray uint8 frames [F, H, W] (or RGB [F, H, W, 3]) -> MP4 bytes.
+
+  MPEG-4 Part 2 (FFmpeg's own `mpeg4` encoder inside PyAV) at quantiser 3,
+  single-threaded, yuv420p. Not H.264: libx264 gave different bytes for the
+  same frames in different processes (28 pixels is not a multiple of its
+  16-pixel macroblocks), and the sample corpus (scripts/build_sample_corpus.py)
+  and the videos composed in training (gemjax/data/compose.py) must come out
+  byte-identical for identical frames.
+  """
+  import av
+
+  a = np.asarray(frames_FxHxW)
+  if a.ndim == 3:
+    a = np.repeat(a[..., None], 3, axis=-1)
+  if a.ndim != 4 or a.shape[-1] != 3 or a.shape[0] < 1 or a.dtype != np.uint8:
+    raise ValueError(f'encode_mp4: expected uint8 frames [F, H, W] or [F, H, W, 3] '
+                     f'with F >= 1, got {a.dtype} {a.shape}')
+  rate = fractions.Fraction(fps).limit_denominator(1001)
+  buf = io.BytesIO()
+  with av.open(buf, mode='w', format='mp4') as container:
+    stream = container.add_stream('mpeg4', rate=rate)
+    stream.width, stream.height = a.shape[2], a.shape[1]
+    stream.pix_fmt = 'yuv420p'
+    stream.options = {'qscale': '3'}
+    stream.codec_context.thread_count = 1
+    for frame in a:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(
+          np.ascontiguousarray(frame), format='rgb24')):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  return buf.getvalue()
