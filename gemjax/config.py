@@ -69,6 +69,12 @@ class MoEConfig:
   # Capacity groups are per-device chunks of a row: with drops, its outputs
   # depend on mesh.context and mesh.context_layout (gemjax/model/moe.py).
   path: str = 'auto'
+  # Dropless + expert parallel: rows of each device's receive buffer. 0 = the
+  # worst case (P shards x N tokens per device x min(top_k, experts / P)),
+  # nothing dropped; f >= 1 = ceil(f x N x top_k) rounded up to 8 (f times a
+  # perfectly balanced load), overflow dropped and counted in moe_dropped
+  # (gemjax/parallel/expert.py).
+  dropless_buffer_factor: float = 0.0
   router_z_loss: float = 1e-3
   load_balance_loss: float = 1e-2
 
@@ -669,6 +675,9 @@ def _check_moe(moe: MoEConfig) -> None:
     bad('capacity_factor', 'must be > 0')
   if moe.path not in MOE_PATHS:
     bad('path', f'one of {MOE_PATHS}')
+  if moe.dropless_buffer_factor != 0 and not moe.dropless_buffer_factor >= 1:
+    bad('dropless_buffer_factor', '0 (worst-case buffer, nothing dropped) or >= 1 (that '
+        'many times a balanced load; below 1 even a balanced load drops)')
   for key in ('router_z_loss', 'load_balance_loss'):
     if getattr(moe, key) < 0:
       bad(key, 'a loss coefficient >= 0')

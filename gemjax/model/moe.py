@@ -17,7 +17,9 @@ Like every feed-forward sublayer it returns `(y_BxTxD, aux)`:
   moe_load              [E] fraction of assignments per expert (sums to 1)
   moe_load_by_modality  [M, E] the same per modality of the token (a row of
                         zeros for a modality absent from the batch)
-  moe_dropped           fraction of assignments dropped for capacity
+  moe_dropped           fraction of assignments dropped: for capacity, or by
+                        a bounded dropless receive buffer
+                        (`dropless_buffer_factor` > 0, expert parallel only)
 
 Padding tokens (segment id 0) are not routed: they take no expert capacity,
 and count in no loss or metric.
@@ -30,7 +32,10 @@ changes which assignments overflow and drop, and hence the outputs and the
 loss. Within a group the GShard priority (all first choices before any
 second choice) also lets a later token's first choice displace an earlier
 token's second choice, so capacity MoE is not strictly causal. The dropless
-path drops nothing and depends on neither.
+path drops nothing and depends on neither, unless `dropless_buffer_factor` > 0
+bounds its expert-parallel receive buffer (gemjax/parallel/expert.py): then
+overflow on a shard drops, what drops depends on how the batch is split over
+devices, and `moe_dropped` shows it.
 
 Imports jax, flax, gemjax.model.{layers, mlp, registry}, gemjax.parallel and
 gemjax.batch (the modality names).
@@ -172,14 +177,19 @@ class MoE(nnx.Module):
   def __init__(self, d_model: int, expert_dim: int, num_experts: int, top_k: int, *,
                shared_dim: int = 0, renormalize: bool = True,
                capacity_factor: float = 1.25, path: str = 'auto',
-               router_z_loss: float = 1e-3, load_balance_loss: float = 1e-2,
+               dropless_buffer_factor: float = 0.0, router_z_loss: float = 1e-3,
+               load_balance_loss: float = 1e-2,
                num_modalities: int = len(MODALITY_NAMES), compute_dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     if not 1 <= top_k <= num_experts:
       raise ValueError(f'top_k={top_k} must be in [1, num_experts={num_experts}]')
     expert_lib.resolve_path(path)  # fail at build time on a bad name
+    if dropless_buffer_factor < 0:
+      raise ValueError(f'dropless_buffer_factor={dropless_buffer_factor} must be >= 0 '
+                       '(0 = worst-case receive buffer)')
     self.num_experts, self.top_k = num_experts, top_k
     self.renormalize, self.capacity_factor, self.path = renormalize, capacity_factor, path
+    self.dropless_buffer_factor = dropless_buffer_factor
     self.z_coef, self.lb_coef = router_z_loss, load_balance_loss
     self.num_modalities = num_modalities
     self.compute_dtype = compute_dtype
@@ -194,7 +204,8 @@ class MoE(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array, info: SequenceInfo | None = None, *,
                no_drop: bool = False):
-    """`no_drop` (decoding): the capacity path gets room for every token, C = T."""
+    """`no_drop` (decoding): room for every token, C = T on the capacity
+    path and the worst-case dropless receive buffer."""
     B, T, _ = x_BxTxD.shape
     E, cd = self.num_experts, self.compute_dtype
     # Flattened tokens: one 2-D matmul (see params.project), router in f32.
@@ -217,7 +228,8 @@ class MoE(nnx.Module):
         x_BxTxD.astype(cd), expert_BxTxK, gate_BxTxK, valid_BxT, weights,
         (_W_IN_NAMES, _W_IN_NAMES, _W_OUT_NAMES), SWIGLU_EXPERTS,
         num_experts=E, path=self.path,
-        capacity_factor=E / self.top_k if no_drop else self.capacity_factor)
+        capacity_factor=E / self.top_k if no_drop else self.capacity_factor,
+        dropless_buffer_factor=0.0 if no_drop else self.dropless_buffer_factor)
     if self.shared is not None:
       y_BxTxD = y_BxTxD + self.shared(x_BxTxD, info)[0].astype(y_BxTxD.dtype)
     y_BxTxD = constrain(y_BxTxD, ('batch', 'length', 'act_embed'))
@@ -252,6 +264,7 @@ class MoESpec:
   renormalize: bool = True
   capacity_factor: float = 1.25
   path: str = 'auto'
+  dropless_buffer_factor: float = 0.0
   router_z_loss: float = 1e-3
   load_balance_loss: float = 1e-2
   compute_dtype: str = 'float32'
@@ -261,6 +274,7 @@ class MoESpec:
     return MoE(self.d_model, self.expert_dim, self.num_experts, self.top_k,
                shared_dim=self.shared_dim, renormalize=self.renormalize,
                capacity_factor=self.capacity_factor, path=self.path,
+               dropless_buffer_factor=self.dropless_buffer_factor,
                router_z_loss=self.router_z_loss, load_balance_loss=self.load_balance_loss,
                compute_dtype=dtype(self.compute_dtype), param_dtype=dtype(self.param_dtype),
                rngs=rngs)

@@ -79,6 +79,7 @@ def _feed_forward(cfg: ModelConfig, moe: bool):
   return MoESpec(cfg.d_model, expert_dim, m.num_experts, m.top_k,
                  shared_dim=m.shared_experts * expert_dim, renormalize=m.renormalize,
                  capacity_factor=m.capacity_factor, path=m.path,
+                 dropless_buffer_factor=m.dropless_buffer_factor,
                  router_z_loss=m.router_z_loss, load_balance_loss=m.load_balance_loss,
                  compute_dtype=cd, param_dtype=cfg.param_dtype)
 

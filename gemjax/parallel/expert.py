@@ -22,22 +22,45 @@ Two compute paths, same interface:
             gathers whose transposes are gathers too (`take_rows`,
             `combine_rows`): O(T k D) per row each way.
   dropless  Sort assignments by expert and run a grouped matmul
-            (`jax.lax.ragged_dot`, megablox-style kernels on TPU/GPU); nothing
-            is dropped.
+            (`jax.lax.ragged_dot`, megablox-style kernels on TPU/GPU); on one
+            device (or with no `expert` axis) nothing is dropped.
 
 Expert parallelism: under a mesh whose `expert` axis is > 1 the work runs in a
 `jax.shard_map` over every axis that splits tokens (data, fsdp, expert,
 context). Expert e lives on expert-shard e // (E / P). The capacity path moves
 its [P, E/P, C, D] buffer with one `all_to_all` each way; the dropless path
-moves exactly the routed rows with `ragged_all_to_all` into a worst-case-sized
-receive buffer (P * N * min(k, E/P) rows for N tokens per device on P expert
-shards: 4x the N * k rows actually routed at nano-moe's 8 shards, top-2, 8
-experts), and regroups them by local expert with index arithmetic (no second
-sort). XLA:CPU has no ragged all-to-all: there it is emulated by a dense
-`all_to_all` that pads every per-peer slice to the whole operand, P times the
-traffic of the real exchange (8x on 8 emulated devices), so CPU timings of the
-dropless expert-parallel path measure the emulation, not the real kernel. With no mesh, or where the batch does not split evenly, the same
-per-device math runs on the whole batch.
+moves exactly the routed rows with `ragged_all_to_all` into a receive buffer
+of R rows and regroups them by local expert with index arithmetic (no second
+sort). With N tokens per device on P expert shards:
+
+  dropless_buffer_factor = 0 (default): R is the worst case,
+      P * N * min(k, E/P) (every token of every source picks min(k, E/P) of
+      this shard's experts), so nothing is ever dropped; at nano-moe's shapes
+      (8 shards, top-2, 8 experts, N = 256) that is 2048 rows for the 512 a
+      shard receives when routing is balanced.
+  dropless_buffer_factor = f > 0: R = min(worst case, ceil(f * N * k)
+      rounded up to a multiple of 8), f times the N * k rows of a perfectly
+      balanced load (the analogue of capacity_factor). When more rows are
+      routed to a shard than fit, it grants them max-min fairly: its arrivals
+      come in (source, local expert) segments, and each segment keeps
+      min(its rows, L) for the highest level L that fits, the rows left over
+      going one each to the first segments (source-major) still wanting more;
+      the same as handing out one row per segment per turn, round-robin, in
+      segment order. A segment keeps its first rows in priority order: first
+      choices in token order, then second choices, ... (GShard's order,
+      within the segment). The grants go back to the sources with one more
+      small `all_to_all`; each source sends only its kept rows, and kept and
+      dropped assignments are reported like capacity drops (the `kept` mask;
+      `moe_dropped` in gemjax/model/moe.py). With drops, what is dropped
+      depends on how the batch is split over devices. The config accepts
+      f = 0 or f >= 1: below 1 even a perfectly balanced load would drop.
+
+XLA:CPU has no ragged all-to-all: there it is emulated by a dense `all_to_all`
+that pads every per-peer slice to the whole operand, P times the traffic of
+the real exchange (8x on 8 emulated devices), so CPU timings of the dropless
+expert-parallel path measure the emulation, not the real kernel. With no mesh,
+or where the batch does not split evenly, the same per-device math runs on the
+whole batch (no receive buffer: nothing dropped, whatever the factor).
 
 If the mesh also splits the expert hidden dimension over `tensor`, the expert
 functions return partial sums and are reduced here (their last matmul
@@ -97,6 +120,23 @@ def expert_capacity(tokens_per_group: int, num_experts: int, top_k: int,
   return max(1, min(c, tokens_per_group))
 
 
+def dropless_receive_rows(tokens: int, num_experts: int, top_k: int, num_shards: int,
+                          buffer_factor: float = 0.0) -> int:
+  """Rows R of a device's dropless receive buffer under expert parallelism.
+
+  `tokens` (N) per device, P = `num_shards`. 0: the worst case
+  P * N * min(k, E / P), nothing ever dropped; f > 0: min(worst case,
+  ceil(f * N * k) rounded up to a multiple of 8), f times a balanced load.
+  """
+  if buffer_factor < 0:
+    raise ValueError(f'dropless_buffer_factor={buffer_factor!r} is invalid: must be >= 0 '
+                     '(0 = worst-case buffer)')
+  worst = num_shards * tokens * min(top_k, num_experts // num_shards)
+  if buffer_factor == 0:
+    return worst
+  return min(worst, -(-math.ceil(buffer_factor * tokens * top_k) // 8) * 8)
+
+
 # ------------------------------------------------------------------ entry point
 
 
@@ -104,6 +144,7 @@ def dispatch_combine(x_BxTxD: jax.Array, expert_BxTxK: jax.Array, gate_BxTxK: ja
                      valid_BxT: jax.Array, weights: Sequence[jax.Array],
                      weight_names: Sequence[Sequence[str | None]], fns: ExpertFns, *,
                      num_experts: int, path: str = 'auto', capacity_factor: float = 1.25,
+                     dropless_buffer_factor: float = 0.0,
                      emulate_ragged: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """y[t] = sum_k gate[t, k] * expert_{e[t, k]}(x[t]), for kept assignments.
 
@@ -115,18 +156,21 @@ def dispatch_combine(x_BxTxD: jax.Array, expert_BxTxK: jax.Array, gate_BxTxK: ja
     weight_names: the logical axis names of each weight (for the map specs).
     fns: the expert computation (see `ExpertFns`).
     path: 'auto' | 'capacity' | 'dropless'.
+    dropless_buffer_factor: dropless + expert parallel only: 0 = worst-case
+      receive buffer, f > 0 = bounded by f x a balanced load, overflow dropped
+      (`dropless_receive_rows`; the module docstring).
     emulate_ragged: dropless + expert parallel only; None = emulate on CPU.
 
   Returns:
     (y_BxTxD, kept_BxTxK): outputs, and which assignments were computed
-    (False where dropped for capacity or invalid).
+    (False where dropped for capacity or the dropless buffer, or invalid).
   """
   path = resolve_path(path)
   if emulate_ragged is None:
     emulate_ragged = jax.default_backend() == 'cpu'
   weights = tuple(weights)
   kw = dict(fns=fns, num_experts=num_experts, path=path, capacity_factor=capacity_factor,
-            emulate_ragged=emulate_ragged)
+            dropless_buffer_factor=dropless_buffer_factor, emulate_ragged=emulate_ragged)
   mesh = current_mesh()
   if mesh is None or math.prod(mesh.shape.values()) == 1:
     return _per_device(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights,
@@ -161,8 +205,8 @@ def dispatch_combine(x_BxTxD: jax.Array, expert_BxTxK: jax.Array, gate_BxTxK: ja
 
 
 def _per_device(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights, *, fns,
-                num_experts, path, capacity_factor, emulate_ragged, expert_shards,
-                tensor_shards):
+                num_experts, path, capacity_factor, dropless_buffer_factor, emulate_ragged,
+                expert_shards, tensor_shards):
   axis = EXPERT_AXIS if expert_shards > 1 else None
   if path == 'capacity':
     y, kept = _capacity(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights,
@@ -177,7 +221,7 @@ def _per_device(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights, *, fns,
     y, kept = _dropless_expert_parallel(
         x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights, fns.grouped,
         num_experts=num_experts, axis_name=axis, num_shards=expert_shards,
-        emulate=emulate_ragged)
+        emulate=emulate_ragged, buffer_factor=dropless_buffer_factor)
   if tensor_shards > 1:
     y = jax.lax.psum(y, TENSOR_AXIS)
   return y, kept
@@ -387,18 +431,21 @@ def _capacity(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights, batched_fn,
 
 
 def _sorted_assignments(expert_BxTxK, valid_BxT, num_experts):
-  """Token-major flat assignments (a = n * K + k), sorted by expert."""
+  """Token-major flat assignments (a = n * K + k), sorted by expert; within an
+  expert all first choices in token order, then all second choices, ... (the
+  order in which a bounded receive buffer keeps them)."""
   B, T, K = expert_BxTxK.shape
   e_A = jnp.where(valid_BxT[..., None], expert_BxTxK, num_experts).reshape(B * T * K)
-  order_A = jnp.argsort(e_A, stable=True)
+  k_A = jnp.tile(jnp.arange(K, dtype=e_A.dtype), B * T)
+  order_A = jnp.argsort(e_A * K + k_A, stable=True)
   return e_A, order_A
 
 
-def _unsort_and_combine(y_sorted_AxD, e_A, order_A, gate_BxTxK, num_experts):
+def _unsort_and_combine(y_src_MxD, pos_A, kept_A, gate_BxTxK):
+  """Assignment a's output is row pos_A[a] of y_src where kept_A[a], else 0."""
   B, T, K = gate_BxTxK.shape
-  D = y_sorted_AxD.shape[-1]
-  y_AxD = jnp.take(y_sorted_AxD, jnp.argsort(order_A), axis=0)
-  kept_A = e_A < num_experts
+  D = y_src_MxD.shape[-1]
+  y_AxD = jnp.take(y_src_MxD, pos_A, axis=0, mode='clip')
   y_AxD = jnp.where(kept_A[:, None], y_AxD, 0)
   y_BxKxTxD = jnp.swapaxes(y_AxD.reshape(B, T, K, D), 1, 2)
   return _combine(y_BxKxTxD, gate_BxTxK), kept_A.reshape(B, T, K)
@@ -412,32 +459,87 @@ def _dropless_local(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights, group
   x_sorted_AxD = jnp.take(x_BxTxD.reshape(B * T, D), order_A // K, axis=0)
   sizes_E = _count(e_A, num_experts, axis=0)
   y_sorted_AxD = grouped_fn(weights, x_sorted_AxD, sizes_E)
-  return _unsort_and_combine(y_sorted_AxD, e_A, order_A, gate_BxTxK, num_experts)
+  return _unsort_and_combine(y_sorted_AxD, jnp.argsort(order_A), e_A < num_experts,
+                             gate_BxTxK)
+
+
+def water_fill(demand_S: jax.Array, rows: int) -> jax.Array:
+  """Max-min fair grants of `rows` among segments that ask for demand_S rows.
+
+  Each segment gets min(demand, L) for the highest level L at which the
+  grants fit; the rows left over (fewer than the segments above L) go one
+  each to the first segments above L. The same as handing out one row per
+  segment per turn, in segment order, until the rows or the demand run out.
+  """
+  S = demand_S.shape[0]
+  v_S = jnp.sort(demand_S)
+  j_S = jnp.arange(S, dtype=demand_S.dtype)
+  # If L lies between the j-1-th and the j-th smallest demand, the j smallest
+  # get theirs and the other S - j get L each.
+  level_S = (rows - _exclusive_cumsum(v_S)) // (S - j_S)
+  inside_S = level_S < v_S
+  level = jnp.where(inside_S.any(), level_S[jnp.argmax(inside_S)], v_S[-1])
+  grant_S = jnp.minimum(demand_S, level)
+  above_S = demand_S > level
+  extra_S = above_S & (_exclusive_cumsum(above_S.astype(demand_S.dtype)) < rows - grant_S.sum())
+  return grant_S + extra_S.astype(demand_S.dtype)
+
+
+def _segment_rows(sizes_S, rows: int):
+  """For rows 0..rows-1 of a concatenation of segments of sizes_S:
+  (segment, place in it, inside any segment)."""
+  end_S = jnp.cumsum(sizes_S)
+  row_M = jnp.arange(rows, dtype=jnp.int32)
+  seg_M = jnp.minimum(jnp.searchsorted(end_S, row_M, side='right'), sizes_S.shape[0] - 1)
+  return seg_M, row_M - (end_S - sizes_S)[seg_M], row_M < end_S[-1]
 
 
 def _dropless_expert_parallel(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weights,
-                              grouped_fn, *, num_experts, axis_name, num_shards, emulate):
+                              grouped_fn, *, num_experts, axis_name, num_shards, emulate,
+                              buffer_factor=0.0):
   B, T, D = x_BxTxD.shape
   K = expert_BxTxK.shape[-1]
   N, Ps = B * T, num_shards
   E, El = num_experts, num_experts // num_shards
   A = N * K
+  R = dropless_receive_rows(N, E, K, Ps, buffer_factor)
+  bounded = R < Ps * N * min(K, El)  # static: 0 keeps the worst-case graph
   e_A, order_A = _sorted_assignments(expert_BxTxK, valid_BxT, E)
-  send_AxD = jnp.take(x_BxTxD.reshape(N, D), order_A // K, axis=0)
-
-  # Sizes: sorted by global expert, the rows for shard p are contiguous.
-  counts_PxEl = _count(e_A, E, axis=0).reshape(Ps, El)
-  send_P = counts_PxEl.sum(1)
-  send_off_P = _exclusive_cumsum(send_P)
   a2a = lambda v: jax.lax.all_to_all(v, axis_name, 0, 0, tiled=True)
-  recv_counts_PxEl = a2a(counts_PxEl)         # row s: what source s sends me
-  recv_P = recv_counts_PxEl.sum(1)
-  recv_off_P = _exclusive_cumsum(recv_P)      # where source s lands here
-  dest_off_P = a2a(recv_off_P)                # where my rows land on shard p
+
+  # Sizes: sorted by global expert e = p * E_l + l, the rows for shard p are
+  # contiguous, in (p, l) segments.
+  counts_PxEl = _count(e_A, E, axis=0).reshape(Ps, El)
+  recv_counts_PxEl = a2a(counts_PxEl)         # row s: what source s routes to me
+  if bounded:
+    # What fits: this shard grants each (source, local expert) segment its
+    # share of the R rows (`water_fill`), and one exchange tells each source
+    # its grants and where its kept rows land.
+    recv_kept_PxEl = water_fill(recv_counts_PxEl.reshape(-1), R).reshape(Ps, El)
+    recv_P = recv_kept_PxEl.sum(1)
+    recv_off_P = _exclusive_cumsum(recv_P)    # where source s lands here
+    granted = a2a(jnp.concatenate([recv_kept_PxEl, recv_off_P[:, None]], axis=1))
+    kept_PxEl, dest_off_P = granted[:, :El], granted[:, El]
+  else:
+    recv_kept_PxEl, kept_PxEl = recv_counts_PxEl, counts_PxEl
+    recv_P = recv_kept_PxEl.sum(1)
+    recv_off_P = _exclusive_cumsum(recv_P)
+    dest_off_P = a2a(recv_off_P)              # where my rows land on shard p
+  send_P = kept_PxEl.sum(1)
+  send_off_P = _exclusive_cumsum(send_P)
   back_off_P = a2a(send_off_P)                # where results land on source s
 
-  # Worst case: every token of every source picks min(K, E_l) of my experts.
-  R = Ps * N * min(K, El)
+  count_start_E = _exclusive_cumsum(counts_PxEl.reshape(-1))
+  kept_E = kept_PxEl.reshape(-1)
+  kept_start_E = _exclusive_cumsum(kept_E)
+  if bounded:
+    # Send layout: each (p, l) segment keeps its first kept rows of the
+    # sorted order; the unsent rest (past sum(kept)) is never read.
+    seg_A, at_A, inside_A = _segment_rows(kept_E, A)
+    sorted_A = jnp.where(inside_A, count_start_E[seg_A] + at_A, jnp.arange(A))
+    send_AxD = jnp.take(x_BxTxD.reshape(N, D), order_A[sorted_A] // K, axis=0)
+  else:
+    send_AxD = jnp.take(x_BxTxD.reshape(N, D), order_A // K, axis=0)
   recv_RxD = ragged_all_to_all(send_AxD, jnp.zeros((R, D), send_AxD.dtype), send_off_P,
                                send_P, dest_off_P, recv_P, axis_name=axis_name,
                                num_shards=Ps, emulate=emulate)
@@ -445,30 +547,35 @@ def _dropless_expert_parallel(x_BxTxD, expert_BxTxK, gate_BxTxK, valid_BxT, weig
   # Arrival order is (source, local expert); the grouped matmul wants
   # (local expert, source). Both layouts are concatenations of the same
   # segments, so each row's place in the other follows from the segment sizes.
-  c_flat = recv_counts_PxEl.reshape(-1)
-  g_flat = recv_counts_PxEl.T.reshape(-1)
+  c_flat = recv_kept_PxEl.reshape(-1)
+  g_flat = recv_kept_PxEl.T.reshape(-1)
   start_arrival_PxEl = _exclusive_cumsum(c_flat).reshape(Ps, El)
   start_grouped_PxEl = _exclusive_cumsum(g_flat).reshape(El, Ps).T
   row_R = jnp.arange(R, dtype=jnp.int32)
   # grouped row q <- arrival row
-  seg_q = jnp.minimum(jnp.searchsorted(jnp.cumsum(g_flat), row_R, side='right'), El * Ps - 1)
+  seg_q, at_q, inside_q = _segment_rows(g_flat, R)
   el_q, src_q = seg_q // Ps, seg_q % Ps
-  from_q = start_arrival_PxEl[src_q, el_q] + row_R - start_grouped_PxEl[src_q, el_q]
-  total = c_flat.sum()
-  from_q = jnp.where(row_R < total, from_q, row_R)
+  from_q = jnp.where(inside_q, start_arrival_PxEl[src_q, el_q] + at_q, row_R)
   x_grouped_RxD = jnp.take(recv_RxD, from_q, axis=0)
-  y_grouped_RxD = grouped_fn(weights, x_grouped_RxD, recv_counts_PxEl.sum(0))
+  y_grouped_RxD = grouped_fn(weights, x_grouped_RxD, recv_kept_PxEl.sum(0))
   # arrival row r <- grouped row
-  seg_r = jnp.minimum(jnp.searchsorted(jnp.cumsum(c_flat), row_R, side='right'), El * Ps - 1)
+  seg_r, at_r, inside_r = _segment_rows(c_flat, R)
   src_r, el_r = seg_r // El, seg_r % El
-  from_r = start_grouped_PxEl[src_r, el_r] + row_R - start_arrival_PxEl[src_r, el_r]
-  from_r = jnp.where(row_R < total, from_r, row_R)
+  from_r = jnp.where(inside_r, start_grouped_PxEl[src_r, el_r] + at_r, row_R)
   y_arrival_RxD = jnp.take(y_grouped_RxD, from_r, axis=0)
 
-  y_sorted_AxD = ragged_all_to_all(y_arrival_RxD, jnp.zeros((A, D), y_arrival_RxD.dtype),
-                                   recv_off_P, recv_P, back_off_P, send_P,
-                                   axis_name=axis_name, num_shards=Ps, emulate=emulate)
-  return _unsort_and_combine(y_sorted_AxD, e_A, order_A, gate_BxTxK, E)
+  y_back_AxD = ragged_all_to_all(y_arrival_RxD, jnp.zeros((A, D), y_arrival_RxD.dtype),
+                                 recv_off_P, recv_P, back_off_P, send_P,
+                                 axis_name=axis_name, num_shards=Ps, emulate=emulate)
+  sorted_pos_A = jnp.argsort(order_A)
+  if not bounded:
+    return _unsort_and_combine(y_back_AxD, sorted_pos_A, e_A < E, gate_BxTxK)
+  # Assignment a is the rank_A-th row of its (p, l) segment: kept iff within
+  # the segment's grant, and then back at that place of the kept layout.
+  e_c = jnp.minimum(e_A, E - 1)
+  rank_A = sorted_pos_A - count_start_E[e_c]
+  kept_A = (e_A < E) & (rank_A < kept_E[e_c])
+  return _unsort_and_combine(y_back_AxD, kept_start_E[e_c] + rank_A, kept_A, gate_BxTxK)
 
 
 def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
