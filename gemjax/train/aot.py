@@ -8,6 +8,8 @@ returns parameter counts and per-device bytes. Nothing is allocated, so a
 
     python -m gemjax.train.aot configs/pro.yaml     # uses the preset's mesh
     python -m gemjax.train.aot configs/flash.yaml --topology v5p:4x4x4   # real compile
+    python -m gemjax.train.aot configs/flash.yaml --topology v5p:4x4x4 --slices 2 \
+        mesh.dcn_data=2                                   # two slices over DCN
 
 With `--topology`, the step is compiled for real for that TPU slice
 (`gemjax.train.tpu_compile`, needs libtpu) and its per-chip memory is
@@ -98,17 +100,19 @@ EXIT_DOES_NOT_FIT = 3
 
 
 def main(argv=None) -> int:
-  """python -m gemjax.train.aot CONFIG [--topology v5p:4x4x4 [--hbm-gib G]] [key=value ...]
+  """python -m gemjax.train.aot CONFIG [--topology v5p:4x4x4 [--slices N] [--hbm-gib G]] [key=value ...]
 
   Without --topology: the abstract check (shapes, shardings, per-device
   state). With it: a real compile of the train step for that TPU topology
-  (gemjax.train.tpu_compile; needs libtpu), per-chip memory vs HBM; exit
+  (gemjax.train.tpu_compile; needs libtpu), per-chip memory vs HBM;
+  `--slices N` compiles for N such slices joined over DCN (multislice; the
+  config's mesh.dcn_* sizes must multiply to N); exit
   code 3 when the step does not fit (--hbm-gib overrides the chip's HBM,
   e.g. to demand headroom).
   """
   argv = list(sys.argv[1:] if argv is None else argv)
-  topology, hbm_gib = None, None
-  for flag in ('--topology', '--hbm-gib'):
+  topology, hbm_gib, slices = None, None, 1
+  for flag in ('--topology', '--hbm-gib', '--slices'):
     if flag in argv:
       i = argv.index(flag)
       if i + 1 >= len(argv):
@@ -117,13 +121,15 @@ def main(argv=None) -> int:
       argv.pop(i)
       if flag == '--topology':
         topology = value
+      elif flag == '--slices':
+        slices = int(value)
       else:
         hbm_gib = float(value)
   path = argv.pop(0)
   cfg = config_lib.load_config(path, argv)
   if topology:
     from gemjax.train import tpu_compile
-    r = tpu_compile.compile_for_topology(cfg, topology)
+    r = tpu_compile.compile_for_topology(cfg, topology, slices)
     if hbm_gib is not None:
       r['hbm_bytes'] = hbm_gib * 2**30
     print(tpu_compile.format_report(path, r))

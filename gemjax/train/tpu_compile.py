@@ -46,15 +46,18 @@ HBM_BYTES = {
 }
 
 
-def topology_devices(topology: str) -> list:
-  """The devices of a TPU topology such as 'v5p:4x4x4' (needs libtpu)."""
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+  """The devices of a TPU topology such as 'v5p:4x4x4' (needs libtpu);
+  `num_slices` > 1: that many such slices (multislice, joined over DCN), each
+  device carrying its `slice_index`."""
   # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) for the chips it
   # drives; describing a topology drives none, so let several compiles (or a
   # compile next to a CPU job) run at once.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     from jax.experimental import topologies
-    topo = topologies.get_topology_desc(platform='tpu', topology_name=topology)
+    kwargs = {'num_slices': num_slices} if num_slices > 1 else {}
+    topo = topologies.get_topology_desc(platform='tpu', topology_name=topology, **kwargs)
   except Exception as e:   # no libtpu, or an unknown topology name
     raise ConfigError(
         f'cannot describe TPU topology {topology!r}: {type(e).__name__}: {e}. It needs '
@@ -93,25 +96,41 @@ def abstract_batch(cfg: config_lib.Config, mesh) -> dict:
   return {k: jax.ShapeDtypeStruct(s, d, sharding=shards[k]) for k, (s, d) in shapes.items()}
 
 
-def compile_for_topology(cfg: config_lib.Config, topology: str) -> dict:
-  """Compiles one train step of `cfg` for `topology`; returns sizes and timings."""
-  devices = topology_devices(topology)
+def compile_for_topology(cfg: config_lib.Config, topology: str, num_slices: int = 1) -> dict:
+  """Compiles one train step of `cfg` for `topology` (x `num_slices` slices
+  joined over DCN: the mesh is the trainer's hybrid mesh from mesh.dcn_*);
+  returns sizes and timings."""
+  if num_slices < 1:
+    raise ConfigError(f'--slices {num_slices}: the number of slices must be >= 1')
+  devices = topology_devices(topology, num_slices)
   cfg = tpu_config(cfg)
   config_lib.validate(cfg)
+  dcn = mesh_lib.dcn_shape(cfg.mesh)
+  if math.prod(dcn.values()) != num_slices:
+    raise ConfigError(f'{num_slices} slice(s) of {topology!r}, but the DCN sizes mesh.dcn_* '
+                      f'{ {a: n for a, n in dcn.items() if n > 1} } multiply to '
+                      f'{math.prod(dcn.values())}: set mesh.dcn_data (or dcn_fsdp) so that '
+                      f'they multiply to {num_slices}')
   sizes = mesh_lib.validate_mesh(cfg, len(devices))
-  if math.prod(sizes.values()) != len(devices):
-    raise ConfigError(f'mesh {sizes} uses {math.prod(sizes.values())} devices; topology '
-                      f'{topology!r} has {len(devices)} (multislice is not compiled here)')
-  from jax.experimental import mesh_utils
+  total = mesh_lib.total_shape(sizes, dcn)
+  if math.prod(total.values()) != len(devices):
+    raise ConfigError(f'mesh {total} uses {math.prod(total.values())} devices; topology '
+                      f'{topology!r} x {num_slices} slice(s) has {len(devices)}')
   shape = tuple(sizes[a] for a in shd.MESH_AXES)
-  try:
-    grid = mesh_utils.create_device_mesh(shape, devices=devices)
-  except NotImplementedError:
-    # e.g. fsdp 16 x expert 16 on a 8x8x4 torus: each logical axis spans
-    # parts of physical ones (fine for compiling; slower collectives on a pod).
-    grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-  mesh = jax.sharding.Mesh(grid, shd.MESH_AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+  if num_slices > 1:
+    # What the trainer builds: create_hybrid_device_mesh over the slices.
+    mesh = shd.make_mesh(sizes, devices, dcn=dcn)
+  else:
+    from jax.experimental import mesh_utils
+    try:
+      grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except NotImplementedError:
+      # e.g. fsdp 16 x expert 16 on a 8x8x4 torus: each logical axis spans
+      # parts of physical ones (fine for compiling; slower collectives on a pod).
+      grid = mesh_utils.create_device_mesh(shape, devices=devices,
+                                           allow_split_physical_axes=True)
+    mesh = jax.sharding.Mesh(grid, shd.MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
   mdef = S.model_def(cfg.model)
   tx = S.make_optimizer(cfg.optimizer, cfg.train.steps, mdef.groups)
   state_shards = S.state_shardings(mdef, tx, mesh)
@@ -134,7 +153,8 @@ def compile_for_topology(cfg: config_lib.Config, topology: str) -> dict:
           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
   B, T = cfg.train.batch_size, cfg.train.seq_len
   return {
-      'topology': topology, 'device_kind': kind, 'devices': len(devices), 'mesh': sizes,
+      'topology': topology if num_slices == 1 else f'{num_slices} x {topology}',
+      'device_kind': kind, 'devices': len(devices), 'mesh': total,
       'params': S.param_count(mdef),
       'argument_bytes': mem.argument_size_in_bytes, 'output_bytes': mem.output_size_in_bytes,
       'alias_bytes': mem.alias_size_in_bytes, 'temp_bytes': mem.temp_size_in_bytes,

@@ -43,3 +43,15 @@ def test_nano_compiles_for_a_v5p_slice_and_a_too_small_chip_exits_3():
   tight = _aot('--hbm-gib', '0.001')
   assert tight.returncode == 3, tight.stderr[-3000:]
   assert 'DOES NOT FIT' in tight.stdout and 'model.loss_chunk' in tight.stderr
+
+
+@pytest.mark.slow
+def test_nano_compiles_for_two_slices_joined_over_dcn():
+  # Multislice: 2 x v5p:2x2x1, the data axis spanning the slices
+  # (create_hybrid_device_mesh, as the trainer builds it).
+  out = _aot('--slices', '2', 'mesh.dcn_data=2')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "2 x v5p:2x2x1 (8 x TPU v5" in out.stdout and "'data': 4" in out.stdout
+  assert ': fits.' in out.stdout
+  bad = _aot('--slices', '2')            # no DCN axis for the second slice
+  assert bad.returncode != 0 and 'mesh.dcn_data' in bad.stderr and 'multiply to 2' in bad.stderr
