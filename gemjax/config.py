@@ -175,6 +175,10 @@ class ModelConfig:
   image_patch_dim: int = 588
   audio_patch_dim: int = 256
   video_patch_dim: int = 588
+  # Video frames go through the image patch embedder (one visual embedding,
+  # as one vision encoder serves images and frames): what is learnt from
+  # images reads frames too. Needs image_patch_dim == video_patch_dim.
+  share_visual_embedder: bool = False
   # Per-modality encoder blocks before the decoder: 0 = early fusion,
   # > 0 = the late-fusion baseline. `freeze_encoder` keeps them fixed.
   encoder_layers: int = 0
@@ -731,6 +735,11 @@ def validate(cfg: Config) -> None:
               'num_kv_heads', 'head_dim', 'mlp_dim'):
     if getattr(m, key) <= 0:
       _fail(f'model.{key}', getattr(m, key), 'must be a positive integer')
+  if m.share_visual_embedder and not (m.image_patch_dim and
+                                      m.image_patch_dim == m.video_patch_dim):
+    _fail('model.share_visual_embedder', m.share_visual_embedder,
+          f'needs model.image_patch_dim == model.video_patch_dim > 0 (got '
+          f'{m.image_patch_dim} and {m.video_patch_dim})')
   if m.num_heads % m.num_kv_heads:
     _fail('model.num_kv_heads', m.num_kv_heads,
           f'must divide model.num_heads={m.num_heads} (grouped-query attention)')

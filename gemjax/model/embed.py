@@ -1,7 +1,8 @@
 """Where modalities become embeddings: the only modality-specific model code.
 
 Continuous inputs (image / audio / video patches) go through a per-modality
-linear patch embedder and, for the late-fusion baseline, a small per-modality
+linear patch embedder (video frames optionally through the image one:
+`share_visual`) and, for the late-fusion baseline, a small per-modality
 encoder stack (`encoder_layers > 0`; bidirectional inside each media block).
 The results are scattered into their slots of the one token sequence with a
 static-shape scatter; a learned per-modality embedding is added to every
@@ -49,12 +50,14 @@ class EmbedderSpec:
 
   `patch_dims`: (modality, flattened patch size) for each continuous modality
   with an embedder; `encoder`: the bidirectional block of the late-fusion
-  encoders, used `encoder_layers` times (0 = early fusion).
+  encoders, used `encoder_layers` times (0 = early fusion). `share_visual`:
+  video frames use the image encoder (there is no video encoder of its own).
   """
   d_model: int
   patch_dims: tuple[tuple[str, int], ...]
   encoder: BlockSpec
   encoder_layers: int = 0
+  share_visual: bool = False
   freeze_encoders: bool = False
   norm_eps: float = 1e-6
   compute_dtype: str = 'float32'
@@ -96,7 +99,14 @@ class InputEmbedder(nnx.Module):
     self.token_mult = spec.d_model ** 0.5 if spec.embed_scale else 0.0
     self.modality_MxD = constant(
         jnp.zeros((len(MODALITY_NAMES), spec.d_model), dtype(spec.param_dtype)), (None, 'embed'))
-    self.encoders = nnx.Dict({m: PatchEncoder(spec, d, rngs=rngs) for m, d in spec.patch_dims})
+    dims = dict(spec.patch_dims)
+    self.shared_visual = spec.share_visual and 'image' in dims and 'video' in dims
+    if self.shared_visual:
+      if dims['image'] != dims['video']:
+        raise ValueError(f'share_visual: image and video patches must have one size, got '
+                         f'{dims["image"]} and {dims["video"]}')
+      del dims['video']
+    self.encoders = nnx.Dict({m: PatchEncoder(spec, d, rngs=rngs) for m, d in dims.items()})
     if spec.freeze_encoders:
       freeze(self.encoders)
 
@@ -111,7 +121,8 @@ class InputEmbedder(nnx.Module):
       pk, sk = patch_keys(m)
       if pk not in batch:
         continue
-      if m not in self.encoders:
+      enc = 'image' if (m == 'video' and self.shared_visual) else m
+      if enc not in self.encoders:
         raise ValueError(f'the batch has {pk} but model.{m}_patch_dim is 0 (no {m} embedder)')
       patches, slots = batch[pk], batch[sk]
       P = slots.shape[1]
@@ -123,7 +134,7 @@ class InputEmbedder(nnx.Module):
           block_ids_BxT=gather_slots(info.block_ids_BxT, slots),
           index_BxT=jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), slots.shape),
           modality_BxT=gather_slots(info.modality_BxT, slots))
-      emb = self.encoders[m](patches, patch_info)
+      emb = self.encoders[enc](patches, patch_info)
       # Patch slots keep their modality embedding on top of the patch embedding.
       emb = emb + jnp.take(self.modality_MxD[...], patch_info.modality_BxT.astype(jnp.int32),
                            axis=0).astype(cd)

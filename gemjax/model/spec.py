@@ -111,7 +111,7 @@ def embedder_spec(cfg: ModelConfig) -> EmbedderSpec:
                    _feed_forward(cfg, moe=False))
   return EmbedderSpec(
       d_model=cfg.d_model, patch_dims=dims, encoder=encoder,
-      encoder_layers=cfg.encoder_layers,
+      encoder_layers=cfg.encoder_layers, share_visual=cfg.share_visual_embedder,
       freeze_encoders=cfg.freeze_encoder and cfg.encoder_layers > 0, norm_eps=cfg.norm_eps,
       norm_plus_one=cfg.norm_plus_one, embed_scale=cfg.embed_scale,
       compute_dtype=resolve_compute_dtype(cfg.compute_dtype), param_dtype=cfg.param_dtype)
