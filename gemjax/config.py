@@ -306,6 +306,11 @@ class DatasetConfig:
   # volume) of a record is augmented. In [0, 1]; 0 = off.
   augment_image: float = 0.0
   augment_audio: float = 0.0
+  # Multiplies the loss weights of this dataset's predicted tokens (training
+  # only; the loss is a weighted mean, so this sets the dataset's share of
+  # the gradient per predicted token, where `weight` sets its share of the
+  # examples). > 0.
+  loss_weight: float = 1.0
 
 
 @dataclasses.dataclass
@@ -800,6 +805,9 @@ def validate(cfg: Config) -> None:
       if not 0 <= ds.cond_dropout < 1:
         _fail(f'data.{key}[{i}].cond_dropout', ds.cond_dropout,
               'a probability in [0, 1) (0 = never drop the condition)')
+      if not ds.loss_weight > 0:
+        _fail(f'data.{key}[{i}].loss_weight', ds.loss_weight,
+              'a number > 0 (1 = as is; training data only)')
       for aug in ('augment_image', 'augment_audio'):
         if not 0 <= getattr(ds, aug) <= 1:
           _fail(f'data.{key}[{i}].{aug}', getattr(ds, aug),

@@ -18,6 +18,11 @@ differ. Each index is a pure function of (seed, index), so shuffling,
 sharding and the checkpointed position work unchanged; `size` is how many
 distinct videos form one epoch.
 
+Because a record depends only on its index, the source keeps the records it
+composed and the frames it decoded (up to `cache_mb`, per process; 0 turns
+this off): later epochs return the same bytes without decoding a PNG or
+encoding an MP4.
+
 Compose from a dataset of the same split as the evaluation's videos' own
 images and no image crosses splits.
 
@@ -42,7 +47,8 @@ class ImageVideoSource:
   """Random-access source of composed video records (see the module doc)."""
 
   def __init__(self, images, *, label_key: str, prompt: str, frames: tuple[int, int] = (3, 5),
-               fps: float = 1.0, size: int = 0, seed: int = 0, task: str = 'video'):
+               fps: float = 1.0, size: int = 0, seed: int = 0, task: str = 'video',
+               cache_mb: float = 64):
     if not prompt:
       raise ConfigError("a 'image_video' dataset needs a prompt (data.datasets[].pair_prompt)")
     lo, hi = (int(f) for f in frames)
@@ -57,12 +63,36 @@ class ImageVideoSource:
     self.images, self.label_key, self.prompt = images, label_key, prompt
     self.frames, self.fps, self.seed, self.task = (lo, hi), float(fps), seed, task
     self.size = size or len(images)
+    self.cache_mb = cache_mb
+    self._cache: dict[tuple[str, int], Any] = {}
+    self._cache_bytes = 0
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_cache'], state['_cache_bytes'] = {}, 0   # per process
+    return state
 
   def __len__(self) -> int:
     return self.size
 
+  def _cached(self, key: tuple[str, int], make, nbytes):
+    """make() once per key while the cache has room (results never change)."""
+    hit = self._cache.get(key)
+    if hit is not None:
+      return hit
+    value = make()
+    size = nbytes(value)
+    if self._cache_bytes + size <= self.cache_mb * 2 ** 20:
+      self._cache[key] = value
+      self._cache_bytes += size
+    return value
+
   def _frame(self, index: int) -> tuple[np.ndarray, Any]:
     """(uint8 pixels [H, W] or [H, W, 3], label) of image record `index`."""
+    return self._cached(('frame', index), lambda: self._decode_frame(index),
+                        lambda v: v[0].nbytes)
+
+  def _decode_frame(self, index: int) -> tuple[np.ndarray, Any]:
     item = self.images[index]
     if 'error' in item:
       raise BadInputError(*item['error'][:1], item['where'], item['error'][-1])
@@ -82,10 +112,16 @@ class ImageVideoSource:
       raise BadInputError('image', item['where'], f'cannot decode: '
                           f'{type(e).__name__}: {e}') from None
     gray = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
-    return (rgb[..., 0] if gray else rgb), meta[self.label_key]
+    pixels = rgb[..., 0] if gray else rgb
+    pixels.flags.writeable = False     # shared between videos
+    return pixels, meta[self.label_key]
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
+    return self._cached(('record', index), lambda: self._compose(index),
+                        lambda v: len(v.get('record', b'')) + 256)
+
+  def _compose(self, index: int) -> dict[str, Any]:
     rng = np.random.default_rng([self.seed, index])
     n = int(rng.integers(self.frames[0], self.frames[1] + 1))
     chosen = [int(i) for i in rng.choice(len(self.images), size=n, replace=False)]

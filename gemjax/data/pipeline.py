@@ -5,6 +5,7 @@
                   -> decode record [+ condition dropout, training only: cond_dropout]
                   -> SequenceBuilder.build (bad-record policy) [+ media
                      augmentation, training only: augment_image / augment_audio]
+                  [x loss_weight on its loss weights, training only]
     mix datasets by weight (deterministic interleave, Grain IterDataset.mix)
     -> pack into rows [T] (multimodal-aware budgets, gemjax.data.packing)
     -> batch [B, ...] -> multiprocess prefetch (num_workers, 0 = in-process)
@@ -174,8 +175,9 @@ class DecodeAndBuild:
 
   def __init__(self, builder: ExampleBuilder, strict: bool, *, cond_dropout: float = 0.0,
                augment_image: float = 0.0, augment_audio: float = 0.0,
-               seed: int = 0, stream: tuple[int, ...] = ()):
+               loss_weight: float = 1.0, seed: int = 0, stream: tuple[int, ...] = ()):
     self.builder = builder
+    self.loss_weight = float(loss_weight)
     self.strict = strict
     self.cond_dropout, self.seed, self.stream = cond_dropout, seed, tuple(stream)
     self.augment_image, self.augment_audio = augment_image, augment_audio
@@ -211,6 +213,8 @@ class DecodeAndBuild:
       if self.strict:
         raise
       return packing.bad_item(where, e)
+    if self.loss_weight != 1.0:
+      example = dict(example, loss_weights=example['loss_weights'] * np.float32(self.loss_weight))
     return packing.check_example(example, where)
 
 
@@ -271,7 +275,8 @@ def build_dataset(settings: DataSettings, builder: ExampleBuilder, *,
         builder, strict, seed=seed, stream=(i, process_index),
         cond_dropout=ds_spec.cond_dropout if train else 0.0,
         augment_image=ds_spec.augment_image if train else 0.0,
-        augment_audio=ds_spec.augment_audio if train else 0.0)
+        augment_audio=ds_spec.augment_audio if train else 0.0,
+        loss_weight=ds_spec.loss_weight if train else 1.0)
     parts.append(ds.map_with_index(decode.with_index) if decode.uses_index
                  else ds.map(decode))
   if not train:

@@ -188,6 +188,9 @@ class _Sequence:
     return out
 
 
+_SEEN_ONCE_MAX = 1 << 18   # input hashes remembered for cache admission (~16 MB)
+
+
 def _arrays(obj) -> list[np.ndarray]:
   """The numpy arrays held by a tokens dataclass (one level of nesting)."""
   if isinstance(obj, np.ndarray):
@@ -228,6 +231,8 @@ class SequenceBuilder:
     add_bos, add_eos: wrap each example in the layout's bos / eos.
     max_length: records longer than this many tokens are bad input.
     media_cache_mb: per-process LRU cache of tokenized media and image codes.
+      An input is cached the second time it is seen, so media used once (a
+      video composed for one example) never evict the corpus.
     image_codes: discrete image tokenizer for predicted images (anything with
       `num_codes` and `encode(uint8 [H, W] or [H, W, C]) -> int [h, w]`);
       its codes must fit the text tokenizer's layout (num_image_codes).
@@ -274,10 +279,12 @@ class SequenceBuilder:
     self.media_cache_mb = media_cache_mb
     self._cache: collections.OrderedDict = collections.OrderedDict()
     self._cache_bytes = 0
+    self._seen_once: set[int] = set()   # hashes of inputs seen once, not cached
 
   def __getstate__(self):
     state = dict(self.__dict__)
     state['_cache'], state['_cache_bytes'] = collections.OrderedDict(), 0   # per process
+    state['_seen_once'] = set()
     return state
 
   def _tokenize(self, kind: str, fn, data, *args, **kwargs):
@@ -290,6 +297,13 @@ class SequenceBuilder:
       self._cache.move_to_end(key)
       return hit[0]
     tokens = fn(data, *args, **kwargs)
+    h = hash(key)
+    if h not in self._seen_once:
+      if len(self._seen_once) >= _SEEN_ONCE_MAX:
+        self._seen_once.clear()
+      self._seen_once.add(h)
+      return tokens
+    self._seen_once.discard(h)
     arrays = _arrays(tokens)
     for v in arrays:
       v.flags.writeable = False          # shared between examples: never mutated
@@ -399,9 +413,12 @@ class SequenceBuilder:
     if augment is None:
       video = self._tokenize('video', self.video.tokenize, seg['data'], source,
                              frame_rate=seg.get('frame_rate'))
-    else:
+    elif isinstance(seg['data'], np.ndarray):
       video = self.video.tokenize(seg['data'], source, frame_rate=seg.get('frame_rate'),
                                   frame_transform=augment.image)
+    else:   # decoded once (cached), each use augmented afresh
+      decoded = self._tokenize('video_pixels', self.video.decode, seg['data'], source)
+      video = self.video.tokenize_decoded(decoded, augment.image)
     seq.text_like([self.layout.begin_video], w)
     st = seq.next_pos
     tau = video.time_positions

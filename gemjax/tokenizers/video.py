@@ -35,6 +35,7 @@ import fractions
 import io
 import math
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ from gemjax.tokenizers.audio import AudioTokenizer, AudioTokens, decode_audio_av
 from gemjax.tokenizers.image import ImageTokenizer, ImageTokens
 
 _SLACK_S = 1e-3  # container time bases are rational; 1 ms absorbs rounding
+_local = threading.local()   # per-thread swscale reformatter (_frame_pixels)
 
 
 def _default_frame_tokenizer() -> ImageTokenizer:
@@ -72,6 +74,19 @@ class VideoTokens:
   def num_tokens(self) -> int:
     n = sum(f.num_tokens for f in self.frames)
     return n + (self.audio.num_tokens if self.audio is not None else 0)
+
+
+@dataclasses.dataclass
+class DecodedVideo:
+  """A decoded video before patching (`VideoTokenizer.decode`).
+
+  pixels: per sampled frame, upright RGB uint8 [h, w, 3] at its grid size.
+  times: [F] float64 seconds of each frame from the container start.
+  audio: the audio track's tokens or None.
+  """
+  pixels: tuple[np.ndarray, ...]
+  times: np.ndarray
+  audio: AudioTokens | None = None
 
 
 class _FrameSampler:
@@ -135,6 +150,30 @@ class VideoTokenizer:
     """
     if isinstance(data, np.ndarray):
       return self.tokenize_frames(data, frame_rate, source or '<array>', frame_transform)
+    decoded = self.decode(data, source)
+    return self.tokenize_decoded(decoded, frame_transform)
+
+  def decode(self, data: Any, source: str | None = None) -> DecodedVideo:
+    """bytes / path -> the sampled frames as RGB pixels at their grid size
+    (upright), their times and (with include_audio) the audio tokens: all of
+    `tokenize` but the patching, so that a caller can keep the decoded video
+    and tokenize it many times with different frame transforms."""
+    source, data = self._check_encoded(data, source)
+    pixels, times = self._decode_frames(data, source)
+    audio = self._decode_audio(data, source, times) if self.include_audio else None
+    return DecodedVideo(tuple(pixels), times, audio)
+
+  def tokenize_decoded(self, decoded: DecodedVideo, frame_transform=None) -> VideoTokens:
+    """`decode`'s result -> VideoTokens, each frame through `frame_transform`."""
+    frames = []
+    for rgb_HxWx3 in decoded.pixels:
+      if frame_transform is not None:
+        rgb_HxWx3 = frame_transform(rgb_HxWx3)
+      frames.append(self.image.tokenize_resized(rgb_HxWx3))
+    return self._video_tokens(frames, decoded.times, decoded.audio)
+
+  @staticmethod
+  def _check_encoded(data, source: str | None) -> tuple[str, bytes | str]:
     if isinstance(data, (str, os.PathLike)):
       source = source or os.fspath(data)
       data = os.fspath(data)
@@ -148,9 +187,7 @@ class VideoTokenizer:
     else:
       raise BadInputError('video', source or '<unknown>', f'expected bytes, a path '
                           f'or a frame array, got {type(data).__name__}')
-    frames, times = self._decode_frames(data, source, frame_transform)
-    audio = self._decode_audio(data, source, times) if self.include_audio else None
-    return self._video_tokens(frames, times, audio)
+    return source, data
 
   def _video_tokens(self, frames, times, audio=None) -> VideoTokens:
     # Positions from float64 times: a float32 1.3 s is 32.4999 units, not 32.5.
@@ -162,8 +199,7 @@ class VideoTokenizer:
     import av
     return av.open(io.BytesIO(data) if isinstance(data, bytes) else data, mode='r')
 
-  def _decode_frames(self, data, source: str, transform=None
-                     ) -> tuple[list[ImageTokens], np.ndarray]:
+  def _decode_frames(self, data, source: str) -> tuple[list[np.ndarray], np.ndarray]:
     sampler = _FrameSampler(self.fps, self.max_frames)
     frames, times = [], []
     try:
@@ -179,7 +215,7 @@ class VideoTokenizer:
             if sampler.full:
               break
             continue
-          frames.append(self._frame_tokens(frame, source, transform))
+          frames.append(self._frame_pixels(frame, source))
           times.append(max(t, 0.0))
     except BadInputError:
       raise
@@ -190,7 +226,8 @@ class VideoTokenizer:
       raise BadInputError('video', source, 'no decodable video frames')
     return frames, np.asarray(times, np.float64)
 
-  def _frame_tokens(self, frame, source: str, transform=None) -> ImageTokens:
+  def _frame_pixels(self, frame, source: str) -> np.ndarray:
+    """A decoded frame -> upright RGB uint8 [h, w, 3] at its grid size."""
     w, h = frame.width, frame.height
     if w * h > self.image.max_pixels:
       raise BadInputError('video', source, f'{w}x{h} frames are over the limit '
@@ -206,13 +243,18 @@ class VideoTokenizer:
     if quarter_turns % 2:
       th, tw = tw, th
     # swscale resizes and converts to RGB in one pass (faster than via PIL).
-    rgb_HxWx3 = frame.to_ndarray(width=tw, height=th, format='rgb24',
-                                 interpolation='BICUBIC')
+    # Setting up its context costs more than converting a small frame, so each
+    # thread keeps one reformatter (it reuses the context while the sizes
+    # and formats stay the same; the pixels are identical either way).
+    reformatter = getattr(_local, 'reformatter', None)
+    if reformatter is None:
+      from av.video.reformatter import VideoReformatter
+      reformatter = _local.reformatter = VideoReformatter()
+    rgb_HxWx3 = reformatter.reformat(frame, width=tw, height=th, format='rgb24',
+                                     interpolation='BICUBIC').to_ndarray()
     if quarter_turns:
-      rgb_HxWx3 = np.rot90(rgb_HxWx3, quarter_turns)
-    if transform is not None:
-      rgb_HxWx3 = transform(rgb_HxWx3)
-    return self.image.tokenize_resized(rgb_HxWx3)
+      rgb_HxWx3 = np.ascontiguousarray(np.rot90(rgb_HxWx3, quarter_turns))
+    return rgb_HxWx3
 
   def _decode_audio(self, data, source: str, frame_times: np.ndarray) -> AudioTokens | None:
     try:

@@ -36,8 +36,10 @@ def test_augmented_media_change_only_their_patches(builder, task, key):
   aug = lambda seed: builder.build(rec, 'r', augment=augment.RecordAugment(
       np.random.default_rng(seed), image_p=1.0, audio_p=1.0))
   a, b, c = aug(1), aug(1), aug(2)
+  d = aug(1)   # decoded media from the cache (admitted on second sight), augmented afresh
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)   # a pure function of the generator
+    np.testing.assert_array_equal(a[k], d[k], err_msg=k)
   assert not np.array_equal(a[key], c[key])
   if task != 'speech_digit':   # audio speed changes the clip's length; pixels never change the layout
     np.testing.assert_array_equal(a['tokens'], plain['tokens'])
@@ -65,3 +67,27 @@ def test_augmentation_is_per_stream_position_and_training_only(builder):
   plain = DatasetConfig(path=ds.path)
   np.testing.assert_array_equal(first(False)['image_patches'], first(False, plain)['image_patches'])
   assert not np.allclose(first(True)['image_patches'], first(True, plain)['image_patches'])
+
+
+def test_dataset_loss_weight_scales_its_predicted_tokens_in_training_only(builder):
+  ds = DatasetConfig(path=f'{SAMPLE}/image_digit-*', loss_weight=2.5)
+  plain = DatasetConfig(path=ds.path)
+
+  def first(d, train):
+    s = pipeline.DataSettings(datasets=(d,), patch_budgets={'image': 64}, shuffle=False)
+    return next(iter(pipeline.build_dataset(s, builder, seq_len=128, batch_size=2,
+                                            train=train)))
+  w, w0 = first(ds, True)['loss_weights'], first(plain, True)['loss_weights']
+  assert w0.max() > 0
+  np.testing.assert_array_equal(w, w0 * np.float32(2.5))
+  np.testing.assert_array_equal(first(ds, False)['loss_weights'],
+                                first(plain, False)['loss_weights'])
+
+
+@pytest.mark.parametrize('key,bad', [('augment_image', '1.5'), ('augment_audio', '-0.1'),
+                                     ('loss_weight', '0'), ('loss_weight', 'nan')])
+def test_config_names_a_bad_per_dataset_training_setting(key, bad):
+  from gemjax.config import load_config
+  from gemjax.errors import ConfigError
+  with pytest.raises(ConfigError, match=rf'data.datasets\[1\].{key}='):
+    load_config('configs/nano.yaml', [f'data.datasets.1.{key}={bad}'])

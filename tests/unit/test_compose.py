@@ -2,6 +2,7 @@
 and the shared MP4 encoder (gemjax/tokenizers/video.py encode_mp4)."""
 
 import io
+import pickle
 
 import av
 import numpy as np
@@ -68,6 +69,14 @@ def test_composed_video_shows_the_labelled_images_in_order(images):
   again = ImageVideoSource(images, label_key='digit', prompt='Which digits appear, in order?',
                            seed=5, task='video_digits')
   assert again[7]['record'] == src[7]['record']
+  # Kept once composed (frames too); an uncached source gives the same bytes,
+  # and a copy for a worker process starts empty.
+  assert ('record', 7) in src._cache and any(k[0] == 'frame' for k in src._cache)
+  uncached = ImageVideoSource(images, label_key='digit', prompt='Which digits appear, in order?',
+                              seed=5, task='video_digits', cache_mb=0)
+  assert [uncached[i]['record'] for i in range(12)] == [src[i]['record'] for i in range(12)]
+  assert not uncached._cache
+  assert pickle.loads(pickle.dumps(src))._cache == {}
   other = ImageVideoSource(images, label_key='digit', prompt='Which digits appear, in order?',
                            seed=6, task='video_digits')
   assert other[7]['record'] != src[7]['record']

@@ -338,14 +338,30 @@ def test_media_cache_gives_identical_examples_and_evicts_to_its_budget():
   plain = SequenceBuilder(ByteTokenizer())
   cached = SequenceBuilder(ByteTokenizer(), media_cache_mb=64)
   want = plain.build(rec)
-  for _ in range(2):                       # miss, then hit
+  for n_cached in (0, 3, 3):               # seen once, admitted, hit
     got = cached.build(rec)
     assert got.keys() == want.keys()
     for k in want:
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  assert len(cached._cache) == 3
+    assert len(cached._cache) == n_cached
   # A clone for a worker process starts empty; a tiny budget keeps one entry.
   assert len(pickle.loads(pickle.dumps(cached))._cache) == 0
   tiny = SequenceBuilder(ByteTokenizer(), media_cache_mb=1e-6)
   tiny.build(rec)
+  tiny.build(rec)
   assert len(tiny._cache) == 1
+
+
+def test_media_used_once_never_evicts_the_cached_corpus():
+  # Budget for about one tokenized image: a stream of distinct videos (composed
+  # ones are each used once) would evict it under plain LRU.
+  image = {'segments': [{'kind': 'image', 'data': png(28, 28), 'predict': False}]}
+  b = SequenceBuilder(ByteTokenizer(), media_cache_mb=0.01)
+  b.build(image)
+  b.build(image)
+  assert [k[0] for k in b._cache] == ['image']
+  for seed in range(4):
+    frames = np.random.default_rng(seed).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    from gemjax.tokenizers.video import encode_mp4
+    b.build({'segments': [{'kind': 'video', 'data': encode_mp4(frames), 'predict': False}]})
+  assert [k[0] for k in b._cache] == ['image']
