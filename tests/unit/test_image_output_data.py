@@ -109,12 +109,14 @@ def test_codes_are_cached_by_content_like_media():
   codes = FakeCodes()
   b = builder(codes, media_cache_mb=16)
   first = b.build(draw_record(5))
-  again = b.build(draw_record(5))
-  assert codes.calls == 1
+  again = b.build(draw_record(5))      # seen twice: now cached
+  assert codes.calls == 2
   for k in first:
     np.testing.assert_array_equal(first[k], again[k], err_msg=k)
-  b.build(draw_record(6))
+  b.build(draw_record(5))
   assert codes.calls == 2
+  b.build(draw_record(6))
+  assert codes.calls == 3
   uncached = builder(FakeCodes()).build(draw_record(5))
   for k in first:
     np.testing.assert_array_equal(first[k], uncached[k], err_msg=k)
