@@ -413,11 +413,9 @@ class SequenceBuilder:
     if augment is None:
       video = self._tokenize('video', self.video.tokenize, seg['data'], source,
                              frame_rate=seg.get('frame_rate'))
-    elif isinstance(seg['data'], np.ndarray):
-      video = self.video.tokenize(seg['data'], source, frame_rate=seg.get('frame_rate'),
-                                  frame_transform=augment.image)
     else:   # decoded once (cached), each use augmented afresh
-      decoded = self._tokenize('video_pixels', self.video.decode, seg['data'], source)
+      decoded = self._tokenize('video_pixels', self.video.decode, seg['data'], source,
+                               frame_rate=seg.get('frame_rate'))
       video = self.video.tokenize_decoded(decoded, augment.image)
     seq.text_like([self.layout.begin_video], w)
     st = seq.next_pos

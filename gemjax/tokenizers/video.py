@@ -148,16 +148,17 @@ class VideoTokenizer:
     augmentation) is applied to each sampled frame at its grid size, before
     patching.
     """
-    if isinstance(data, np.ndarray):
-      return self.tokenize_frames(data, frame_rate, source or '<array>', frame_transform)
-    decoded = self.decode(data, source)
-    return self.tokenize_decoded(decoded, frame_transform)
+    return self.tokenize_decoded(self.decode(data, source, frame_rate), frame_transform)
 
-  def decode(self, data: Any, source: str | None = None) -> DecodedVideo:
-    """bytes / path -> the sampled frames as RGB pixels at their grid size
-    (upright), their times and (with include_audio) the audio tokens: all of
-    `tokenize` but the patching, so that a caller can keep the decoded video
-    and tokenize it many times with different frame transforms."""
+  def decode(self, data: Any, source: str | None = None,
+             frame_rate: float | None = None) -> DecodedVideo:
+    """bytes / path / array [F, H, W, 3] (+ its frame_rate) -> the sampled
+    frames as RGB pixels at their grid size (upright), their times and (with
+    include_audio) the audio tokens: all of `tokenize` but the patching, so
+    that a caller can keep the decoded video and tokenize it many times with
+    different frame transforms."""
+    if isinstance(data, np.ndarray):
+      return self._sample_frames(data, frame_rate, source or '<array>')
     source, data = self._check_encoded(data, source)
     pixels, times = self._decode_frames(data, source)
     audio = self._decode_audio(data, source, times) if self.include_audio else None
@@ -278,25 +279,25 @@ class VideoTokenizer:
   def tokenize_frames(self, frames_FxHxWx3: np.ndarray, frame_rate: float | None,
                       source: str = '<array>', frame_transform=None) -> VideoTokens:
     """Already-decoded frames [F, H, W, 3] at `frame_rate` (default: self.fps)."""
-    a = np.asarray(frames_FxHxWx3)
+    return self.tokenize(np.asarray(frames_FxHxWx3), source, frame_rate, frame_transform)
+
+  def _sample_frames(self, a: np.ndarray, frame_rate: float | None,
+                     source: str) -> DecodedVideo:
     if a.ndim != 4 or a.shape[0] < 1:
       raise BadInputError('video', source, f'frame array of shape {a.shape}; '
                           f'expected [F, H, W, 3] with F >= 1')
     rate = float(frame_rate or self.fps)
     sampler = _FrameSampler(self.fps, self.max_frames)
-    frames, times = [], []
+    pixels, times = [], []
     for k in range(a.shape[0]):
       t = k / rate
       if not sampler.take(t):
         if sampler.full:
           break
         continue
-      rgb_HxWx3 = np.asarray(self.image.resize_to_grid(self.image.decode(a[k], source)))
-      if frame_transform is not None:
-        rgb_HxWx3 = frame_transform(rgb_HxWx3)
-      frames.append(self.image.tokenize_resized(rgb_HxWx3))
+      pixels.append(np.asarray(self.image.resize_to_grid(self.image.decode(a[k], source))))
       times.append(t)
-    return self._video_tokens(frames, times)
+    return DecodedVideo(tuple(pixels), np.asarray(times, np.float64))
 
 
 def encode_mp4(frames_FxHxW: np.ndarray, fps: float = 1.0) -> bytes:
