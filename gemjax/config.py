@@ -351,6 +351,11 @@ class DataConfig:
   # seen for many epochs is decoded once. Same tokens either way.
   media_cache_mb: float = 0
   num_workers: int = 0
+  # Threads numpy's BLAS may use in this process (0 = its default, one per
+  # core). The data pipeline's parallelism is its read threads, and XLA owns
+  # the cores during a step: a multi-threaded BLAS spins against both
+  # (BENCHMARKS.md, "make run time").
+  blas_threads: int = 1
 
 
 @dataclasses.dataclass
@@ -797,6 +802,8 @@ def validate(cfg: Config) -> None:
     _fail('data.datasets', d.datasets, "data.source='grain' needs at least one dataset")
   if d.bad_records not in ('skip', 'strict'):
     _fail('data.bad_records', d.bad_records, "'skip' or 'strict'")
+  if not (isinstance(d.blas_threads, int) and d.blas_threads >= 0):
+    _fail('data.blas_threads', d.blas_threads, "an integer >= 0 (0 = numpy's default)")
   if not isinstance(d.image_codes, str):
     _fail('data.image_codes', d.image_codes, "a directory of a saved ImageCodeTokenizer, "
           "or '' for none")

@@ -84,6 +84,17 @@ def text_tokenizer(cfg, image_codes=None):
   return text
 
 
+def limit_blas_threads(threads: int) -> None:
+  """Caps numpy's BLAS thread pool for this whole process (`data.blas_threads`;
+  0 leaves it alone). The data builders' matrix products (mel filterbanks,
+  image codes) are small; with a pool per core, BLAS worker threads spin on
+  the cores XLA is computing on, which cost nano's training step ~20% on 2
+  cores (BENCHMARKS.md, "make run time")."""
+  if threads > 0:
+    import threadpoolctl
+    threadpoolctl.threadpool_limits(limits=threads, user_api='blas')
+
+
 def sequence_builder(cfg):
   """The SequenceBuilder the run's data settings describe (with the image
   code tokenizer of `data.image_codes`, when set)."""
@@ -92,6 +103,7 @@ def sequence_builder(cfg):
   from gemjax.tokenizers.image import ImageTokenizer
   from gemjax.tokenizers.video import VideoTokenizer
   d = cfg.data
+  limit_blas_threads(d.blas_threads)
   codes = image_code_tokenizer(cfg)
   text = text_tokenizer(cfg, codes)
   audio = AudioTokenizer(patch_frames=d.audio_patch_frames, patch_mels=d.audio_patch_mels)

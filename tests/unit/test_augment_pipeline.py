@@ -91,3 +91,20 @@ def test_config_names_a_bad_per_dataset_training_setting(key, bad):
   from gemjax.errors import ConfigError
   with pytest.raises(ConfigError, match=rf'data.datasets\[1\].{key}='):
     load_config('configs/nano.yaml', [f'data.datasets.1.{key}={bad}'])
+
+
+def test_blas_threads_is_validated_and_caps_numpys_blas_pool():
+  import threadpoolctl
+  from gemjax.config import load_config
+  from gemjax.data import registry
+  from gemjax.errors import ConfigError
+  with pytest.raises(ConfigError, match=r'data.blas_threads=-1'):
+    load_config('configs/nano.yaml', ['data.blas_threads=-1'])
+  blas = lambda: [p['num_threads'] for p in threadpoolctl.threadpool_info()
+                  if p['user_api'] == 'blas']
+  before = blas()
+  try:
+    registry.limit_blas_threads(1)
+    assert blas() and all(n == 1 for n in blas())
+  finally:
+    threadpoolctl.threadpool_limits(limits=max(before), user_api='blas')
