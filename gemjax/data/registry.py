@@ -8,6 +8,7 @@ model). The Grain pipeline registers itself here the same way.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from gemjax import config
@@ -93,6 +94,10 @@ def limit_blas_threads(threads: int) -> None:
   if threads > 0:
     import threadpoolctl
     threadpoolctl.threadpool_limits(limits=threads, user_api='blas')
+    # Grain's worker processes (data.num_workers) start fresh interpreters:
+    # their BLAS reads its thread count from the environment when it loads.
+    for var in ('OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
+      os.environ.setdefault(var, str(threads))
 
 
 def sequence_builder(cfg):
