@@ -2,6 +2,10 @@
 
 import sys
 
-from gemjax.inference.cli import main
+from gemjax.hostmem import reexec_with_huge_pages
+
+reexec_with_huge_pages()   # before jax is imported (gemjax/hostmem.py)
+
+from gemjax.inference.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -3,7 +3,8 @@
 Reads every `import` in gemjax/ (module level and inside functions: a late
 import is still a dependency) with `ast`, so nothing is executed. Floors:
 
-    0  errors, config, batch, kernels/, parallel/axes   the ground
+    0  errors, config, batch, hostmem, kernels/,        the ground
+       parallel/axes
     1  tokenizers/, parallel/                            above the ground (parallel above kernels)
     2  model/ | data/                                    side by side: neither imports the other
     3  train/  <  4  inference/ | convert/  <  5  eval/   on top (eval uses train's state
@@ -51,7 +52,8 @@ def graph() -> dict[str, set[str]]:
 def floor(module: str) -> tuple[int, str]:
   parts = module.split('.')
   top = parts[1] if len(parts) > 1 else ''
-  if module in ('gemjax.errors', 'gemjax.config', 'gemjax.batch', 'gemjax.parallel.axes') \
+  if module in ('gemjax.errors', 'gemjax.config', 'gemjax.batch', 'gemjax.parallel.axes',
+                'gemjax.hostmem') \
       or top == 'kernels':
     return 0, top
   if top in ('tokenizers', 'parallel'):
