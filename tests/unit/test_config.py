@@ -168,7 +168,7 @@ def test_print_config_prints_the_resolved_yaml_and_builds_nothing(entry, tmp_pat
   assert out.returncode == 0, out.stdout + out.stderr
   printed = OmegaConf.create(out.stdout)
   assert printed.model.num_layers == 8 and printed.data.datasets[0].weight == 3.0
-  assert printed.train.steps == 2000     # from the preset
+  assert printed.train.steps == 2600     # from the preset
   assert not run_dir.exists()            # no trainer, no checkpoint directory
 
 
