@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from gemjax.inference.decode import SamplingConfig
+from gemjax.inference.prompts import bucket
 
 
 def answer_has_image(answer_segments) -> bool:
@@ -52,9 +53,10 @@ class DrawingEval:
   def add(self, task: str, prompt: Mapping, answer: list, meta: Mapping | None) -> None:
     text = sum(len(s.get('text', '')) for s in answer if s.get('kind') == 'text')
     n_images = sum(1 for s in answer if s.get('kind') == 'image')
-    # Room for the answer's images and text (bytes) plus eos, rounded to 8.
+    # Room for the answer's images and text (bytes) plus eos, as a bucket
+    # (8 x a power of two): drawing and naming tasks share one compiled loop.
     need = n_images * self.blocks.block_length + 2 * text + 4
-    self.max_new_tokens = max(self.max_new_tokens, -(-need // 8) * 8)
+    self.max_new_tokens = max(self.max_new_tokens, bucket(need, 8))
     self.pending.append((task, dict(prompt), answer, (meta or {}).get('digit')))
     if len(self.pending) == self.batch_size:
       self.flush()
@@ -63,8 +65,12 @@ class DrawingEval:
     if not self.pending:
       return
     self.rng, sub = jax.random.split(self.rng)
+    # Always batch_size prompts (copies of the first fill the last batch; zip
+    # below drops their answers): one compiled shape.
+    prompts = [p for _, p, _, _ in self.pending]
+    prompts += prompts[:1] * (self.batch_size - len(prompts))
     answers = self.gen.generate_multimodal(
-        [p for _, p, _, _ in self.pending], max_new_tokens=self.max_new_tokens,
+        prompts, max_new_tokens=self.max_new_tokens,
         sampling=self.sampling, guidance_scale=self.guidance_scale, rng=sub)
     for (task, _, answer, digit), ans in zip(self.pending, answers):
       c = self.counts[task]

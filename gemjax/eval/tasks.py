@@ -73,9 +73,15 @@ def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
     if not gen_pending:
       return
     longest = max(len(want) for _, _, want in gen_pending)
-    new = -(-longest // 8) * 8
-    out = gen.generate_ids([ex for _, ex, _ in gen_pending], max_new_tokens=new,
-                           stop_tokens=(builder.layout.eos,))
+    from gemjax.inference.prompts import bucket
+    # A bucket (16, 32, ...): the loop stops at eos, so room costs nothing,
+    # and a task's batches share one compiled shape.
+    new = bucket(longest, 16)
+    # Every call has batch_size rows (the last one of a task padded with
+    # copies, their answers ignored): one compiled shape per task, not two.
+    examples = [ex for _, ex, _ in gen_pending]
+    examples += examples[:1] * (batch_size - len(examples))
+    out = gen.generate_ids(examples, max_new_tokens=new, stop_tokens=(builder.layout.eos,))
     toks = np.asarray(out.tokens_BxN)
     for i, (task, _, want) in enumerate(gen_pending):
       c = acc[task]

@@ -27,7 +27,7 @@ import numpy as np
 from gemjax.errors import BadInputError
 from gemjax.inference import decode, multimodal
 from gemjax.inference.decode import GREEDY, SamplingConfig
-from gemjax.inference.prompts import PromptEncoder
+from gemjax.inference.prompts import PromptEncoder, bucket
 from gemjax.parallel import layouts
 from gemjax.parallel.axes import BATCH_AXES, CONTEXT_AXIS
 
@@ -108,7 +108,10 @@ class Generator:
     batch, lengths = self.encoder.collate(examples, rows=rows)
     need = int(lengths.max()) + max_new_tokens - 1
     if max_len is None:
-      max_len = max(batch['tokens'].shape[1], need)
+      # A bucket, like the prompt length (the cache's length is a compiled
+      # shape): room for the padded prompt and max_new_tokens, whatever the
+      # longest prompt of this batch.
+      max_len = bucket(batch['tokens'].shape[1] + max_new_tokens - 1, self.multiple)
     max_len = -(-max_len // self.multiple) * self.multiple
     if need > max_len:
       worst = int(np.argmax(lengths))

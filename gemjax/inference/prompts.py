@@ -8,8 +8,10 @@ A prompt is a record like any training record (gemjax/data/sequence.py):
 built with bos and *without* eos (the model continues it). `data` may be
 bytes, an array, or a file path (read here, so a missing file is a clear
 error naming the prompt). Rows are left-aligned and padded on the right to a
-common length rounded up to `pad_multiple` (fewer compiled shapes; Infini
-segments and ring shards need multiples too); each row keeps its own length.
+common length: `pad_multiple` times a power of two (16, 32, 64, ...), and
+each modality's patches likewise with `patch_multiple`, so prompts of many
+lengths share a few compiled shapes (Infini segments and ring shards need
+the multiple too); each row keeps its own length.
 
 `split_answer(record)` cuts a training/eval record into (prompt, answer):
 the answer is the trailing run of predicted segments. Imports numpy, the
@@ -84,12 +86,12 @@ class PromptEncoder:
   def collate(self, examples: Sequence[Mapping[str, np.ndarray]], *, rows: int | None = None,
               min_length: int = 0) -> tuple[dict, np.ndarray]:
     lengths = np.asarray([len(ex['tokens']) for ex in examples], np.int32)
-    T = _round_up(max(int(lengths.max()), min_length, 1), self.pad_multiple)
+    T = bucket(max(int(lengths.max()), min_length, 1), self.pad_multiple)
     budgets = {}
     for m in CONTINUOUS_MODALITIES:
       n = max(len(ex[patch_keys(m)[1]]) for ex in examples)
       if n:
-        budgets[m] = _round_up(n, self.patch_multiple)
+        budgets[m] = bucket(n, self.patch_multiple)
     examples = list(examples)
     while rows and len(examples) < rows:
       examples.append(examples[0])
@@ -108,5 +110,11 @@ class PromptEncoder:
     return self.builder.text.decode(out)
 
 
-def _round_up(n: int, m: int) -> int:
-  return -(-int(n) // max(int(m), 1)) * max(int(m), 1)
+def bucket(n: int, m: int) -> int:
+  """The smallest m * 2**k >= n (k >= 0): a shape bucket. Padding costs at
+  most 2x the length; each new bucket costs a compile."""
+  m = max(int(m), 1)
+  out = m
+  while out < n:
+    out *= 2
+  return out

@@ -485,9 +485,12 @@ class ImageCodeTokenizer:
   def from_params(cls, config: ImageCodeConfig, saved: dict[str, np.ndarray],
                   source: str = 'params') -> 'ImageCodeTokenizer':
     """Inverse of params(); a missing or misshapen weight -> CheckpointError."""
-    model = ImageCodeModel.from_config(config, nnx.Rngs(0))
+    # Shapes only: running the initialisers eagerly would compile every one
+    # of them (~4 s on a CPU at every eval.py start), for weights replaced below.
+    abstract = nnx.eval_shape(lambda: ImageCodeModel.from_config(config, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     new = []
-    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, v in nnx.to_flat_state(abstract_params):
       key = '/'.join(str(k) for k in path)
       if key not in saved:
         raise CheckpointError(f'image code tokenizer: {source} lacks parameter '
@@ -497,8 +500,7 @@ class ImageCodeTokenizer:
         raise CheckpointError(f'image code tokenizer: {source}: parameter {key!r} '
                               f'has shape {saved[key].shape}, config needs {want.shape}')
       new.append((path, v.replace(jnp.asarray(saved[key], want.dtype))))
-    nnx.update(model, nnx.from_flat_state(new))
-    return cls(config, model)
+    return cls(config, nnx.merge(graphdef, nnx.from_flat_state(new)))
 
   def __reduce__(self):
     # Data-loader worker processes receive the tokenizer by pickling: send

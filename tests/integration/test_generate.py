@@ -101,6 +101,24 @@ def test_generate_records_batch_equals_each_alone_and_stops_at_eos():
   assert ans.tokens == [stop] and ans.stopped and ans.text == ''
 
 
+def test_prompt_lengths_share_bucketed_shapes_and_one_compiled_loop():
+  from gemjax.inference.prompts import bucket
+  assert [bucket(n, 16) for n in (1, 16, 17, 33, 64, 65)] == [16, 16, 32, 64, 64, 128]
+  assert bucket(5, 8) == 8 and bucket(57, 8) == 64
+  model, builder = _generator(seed=2)
+  enc = PromptEncoder(builder)
+  short, longer = ({'segments': [{'kind': 'text', 'text': t}]} for t in ('x' * 34, 'x' * 58))
+  (b1, n1), (b2, n2) = (enc.collate([enc.example(p)]) for p in (short, longer))
+  assert 32 < n1[0] < 48 < n2[0] <= 64       # multiples of 16 would give 48 and 64
+  assert b1['tokens'].shape == b2['tokens'].shape == (1, 64)
+  gen = Generator(decode.Sampler(model), enc)
+  for p in (short, longer):
+    gen.generate([p], max_new_tokens=4)
+  # One jitted loop, traced once: both prompts and their caches had one shape.
+  [fn] = gen.sampler._fns.values()
+  assert fn._cache_size() == 1
+
+
 def test_bad_prompts_give_clear_errors(tmp_path):
   model, builder = _generator()
   missing = tmp_path / 'nope.png'
