@@ -10,7 +10,7 @@ kernel backs them with 2 MiB pages where transparent huge pages are enabled
 ('always' or 'madvise'): the faults drop to a few hundred per step.
 
 Tunables are read when a process starts, so the entry points (train.py,
-eval.py, `python -m gemjax.train`) call `reexec_with_huge_pages()` before
+eval.py, `python -m gemjax.train`, `python -m gemjax.inference`) call `reexec_with_huge_pages()` before
 importing jax: it sets the tunable and replaces the process with a fresh copy
 of itself, once. Nothing changes numerically. Opt out with
 `GEMJAX_HUGE_PAGES=0`; an explicit `glibc.malloc.hugetlb` in GLIBC_TUNABLES

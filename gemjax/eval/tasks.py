@@ -45,6 +45,7 @@ def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
   gen = None
   if by_generation:
     from gemjax.inference.generator import Generator
+    from gemjax.inference.prompts import bucket
     gen = Generator.from_config(cfg, params, mdef, mesh)
   drawing = None
   if gen is not None and gen.image_codes is not None:
@@ -73,7 +74,6 @@ def evaluate_tasks(cfg, params, mdef, mesh, datasets: Iterable[Any], *,
     if not gen_pending:
       return
     longest = max(len(want) for _, _, want in gen_pending)
-    from gemjax.inference.prompts import bucket
     # A bucket (16, 32, ...): the loop stops at eos, so room costs nothing,
     # and a task's batches share one compiled shape.
     new = bucket(longest, 16)
