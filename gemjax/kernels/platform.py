@@ -13,19 +13,11 @@ import jax
 import jax.numpy as jnp
 
 
-def one_document_in_order(mask) -> jax.Array:
-  """Run-time test that the mask is plain causal/window over one document.
-
-  True when every row is a single segment (no padding, no packing), has no
-  bidirectional block and is in its original order: what cuDNN's and
-  splash's built-in causal/local masks express.
-  """
-  seg = mask.segment_ids_BxT
-  T = seg.shape[1]
-  one_doc = jnp.all(seg == seg[:, :1])
-  no_blocks = jnp.all(mask.block_ids_BxT == 0)
-  in_order = jnp.all(mask.index_BxT == jnp.arange(T, dtype=mask.index_BxT.dtype))
-  return one_doc & no_blocks & in_order
+# cuDNN's packed layout takes each row's documents as up to this many
+# sequences (padding's run counts as one). It also sizes the saved softmax
+# statistics, [B * CUDNN_MAX_SEGMENTS, H, T] f32, so it is kept small; rows
+# with more runs take the fallback.
+CUDNN_MAX_SEGMENTS = 16
 
 
 def cudnn_static_ok(q, k, causal: bool, window: int) -> bool:
@@ -37,15 +29,70 @@ def cudnn_static_ok(q, k, causal: bool, window: int) -> bool:
   if K % 8 or K > 256:
     return False
   # cuDNN has only a left window, and only together with the causal mask.
-  return causal or not window
+  return (causal or not window) and hopper_or_later()
 
 
-def cudnn_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, causal: bool,
-                    window: int) -> jax.Array:
-  """cuDNN fused attention (`jax.nn.dot_product_attention`), causal or local mask."""
-  return jax.nn.dot_product_attention(
-      q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, is_causal=causal, implementation='cudnn',
-      local_window_size=(window - 1, 0) if window else None)
+def hopper_or_later() -> bool:
+  """cuDNN's packed layout needs compute capability 9.0 (NVIDIA only)."""
+  cap = getattr(jax.devices()[0], 'compute_capability', None)
+  return cap is not None and tuple(int(x) for x in cap.split('.')[:2]) >= (9, 0)
+
+
+def cudnn_segments(segment_ids_BxT: jax.Array, max_segments: int = CUDNN_MAX_SEGMENTS):
+  """The rows in cuDNN's packed layout: every run of equal segment ids (the
+  padding run too: padding sees only padding, like a document) is one
+  sequence.
+
+  Returns (seqlen [B, M], offsets [B, M + 1], ok): run lengths and start
+  positions, -1 past a row's last run (the layout `jax`'s cuDNN attention
+  takes), and a scalar that is True when the layout describes gemjax's mask
+  for every row: each segment id is one contiguous run and no row has more
+  than M runs. Ids need not be increasing.
+  """
+  B, T = segment_ids_BxT.shape
+  M = max_segments
+  seg = segment_ids_BxT
+  starts = jnp.concatenate([jnp.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  run_BxT = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1
+  runs_B = run_BxT[:, -1] + 1
+  rows = jnp.arange(B)[:, None]
+  seqlen = jnp.zeros((B, M), jnp.int32).at[rows, run_BxT].add(1, mode='drop')
+  seqlen = jnp.where(jnp.arange(M) < runs_B[:, None], seqlen, -1)
+  t_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  slot = jnp.where(starts & (run_BxT < M), run_BxT, M + 1)      # M + 1: dropped
+  offsets = jnp.full((B, M + 1), -1, jnp.int32).at[rows, slot].set(t_BxT, mode='drop')
+  ordered = jnp.sort(seg, axis=1)
+  ids_B = 1 + jnp.sum(ordered[:, 1:] != ordered[:, :-1], axis=1)
+  ok = jnp.all((runs_B <= M) & (runs_B == ids_B))
+  return seqlen, offsets, ok
+
+
+def cudnn_mask_ok(mask, max_segments: int = CUDNN_MAX_SEGMENTS) -> jax.Array:
+  """Run-time test: no bidirectional block, original order, and segments
+  cuDNN's packed layout can carry (`cudnn_segments`)."""
+  T = mask.index_BxT.shape[1]
+  return (cudnn_segments(mask.segment_ids_BxT, max_segments)[2] &
+          jnp.all(mask.block_ids_BxT == 0) &
+          jnp.all(mask.index_BxT == jnp.arange(T, dtype=mask.index_BxT.dtype)))
+
+
+def cudnn_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, causal: bool, window: int,
+                    max_segments: int = CUDNN_MAX_SEGMENTS) -> jax.Array:
+  """cuDNN fused attention over packed rows (GPU, 16-bit, Hopper or later).
+
+  Each row's segments go to cuDNN as separate sequences (seqlen/offsets,
+  `cudnn_segments`), so packing and padding are expressed exactly; the
+  causal mask and the left window then apply within each one. Valid only
+  where `cudnn_mask_ok(mask)` holds. `jax.nn.dot_product_attention` has no
+  packed-layout argument, so this calls the cuDNN entry point under it.
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  seqlen, offsets, _ = cudnn_segments(mask.segment_ids_BxT, max_segments)
+  kind = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+  return cudnn.dot_product_attention(
+      q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, None, None, seqlen, seqlen, offsets, offsets,
+      scale=q_BxTxHxK.shape[-1] ** -0.5, mask_type=kind,
+      sliding_window_length=window or None)
 
 
 def splash_static_ok(q, k, causal: bool, window: int, interpret: bool) -> bool:

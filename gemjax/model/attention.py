@@ -83,8 +83,10 @@ def cudnn_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=
                  window=0, block=DEFAULT_BLOCK, softcap=0.0):
   """cuDNN fused attention where it fits, else 'blockwise'.
 
-  Static fallback (off GPU, f32, odd head dims) and run-time fallback (packed
-  rows, blocks, permuted layouts: `lax.cond`) both go to 'blockwise'.
+  Static fallback (off GPU, f32, odd head dims) and run-time fallback
+  (`lax.cond` on the batch: bidirectional blocks, permuted layouts, more
+  than `platform.CUDNN_MAX_SEGMENTS` runs of segment ids in a row) both go
+  to 'blockwise'. Packed and padded rows run cuDNN (its packed layout).
   """
   _no_softcap('cudnn', softcap)
   fallback = functools.partial(blockwise_kernel, kv_mask=kv_mask, causal=causal,
@@ -92,8 +94,8 @@ def cudnn_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=
   if kv_mask is not None or not platform.cudnn_static_ok(q_BxTxHxK, k_BxSxGxK, causal, window):
     return fallback(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
   fused = functools.partial(platform.cudnn_attention, causal=causal, window=window)
-  return jax.lax.cond(platform.one_document_in_order(mask),
-                      lambda q, k, v: fused(q, k, v),
+  return jax.lax.cond(platform.cudnn_mask_ok(mask),
+                      lambda q, k, v: fused(q, k, v, mask),
                       lambda q, k, v: fallback(q, k, v, mask),
                       q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
 
@@ -167,9 +169,11 @@ def platform_fallback(attention: str, *, seq_len: int, head_dim: int, compute_dt
       return (f"model.attention='cudnn' runs the 'blockwise' kernel: it needs a 16-bit "
               f"compute dtype (model.compute_dtype={compute_dtype!r}) and model.head_dim "
               f"a multiple of 8 up to 256 ({head_dim})")
-    return ("model.attention='cudnn': only rows holding one document with no padding, "
-            "no bidirectional block and no layout run cuDNN; packed or padded rows (every "
-            "batch of the Grain pipeline) take the 'blockwise' kernel at run time")
+    return ("model.attention='cudnn': batches with bidirectional blocks (image, audio, "
+            "video), a context layout or a row of more than "
+            f"{platform.CUDNN_MAX_SEGMENTS} segment runs take the 'blockwise' kernel at run "
+            "time; plain, packed and padded text rows run cuDNN (on a GPU older than Hopper, "
+            "every row takes 'blockwise')")
   return None
 
 

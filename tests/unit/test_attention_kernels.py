@@ -90,6 +90,108 @@ def test_platform_kernels_fall_back_to_blockwise_on_cpu(name):
               dense_fn(True, 9)(q, k, v, ct, info))
 
 
+def _cudnn_packed_reference(q, k, v, seqlen, offsets, *, causal, window):
+  """What cuDNN's packed layout computes, written from its documented meaning
+  (numpy, f32): every (offset, seqlen) pair is a sequence of its own, with the
+  causal mask and the left window counted from that sequence's start."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  B, T, H, K = q.shape
+  R = H // k.shape[2]
+  out = np.full(q.shape, np.nan)
+  for b in range(B):
+    for n, start in zip(seqlen[b], offsets[b]):
+      if n < 0:
+        continue
+      sl = slice(start, start + n)
+      qs, ks, vs = q[b, sl], np.repeat(k[b, sl], R, 1), np.repeat(v[b, sl], R, 1)
+      s = np.einsum('thk,shk->hts', qs, ks) * K ** -0.5
+      i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+      ok = np.ones((n, n), bool)
+      if causal:
+        ok &= j <= i
+      if window:
+        ok &= i - j < window
+      s = np.where(ok, s, -np.inf)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      out[b, sl] = np.einsum('hts,shk->thk', p / p.sum(-1, keepdims=True), vs)
+  return out
+
+
+def test_cudnn_segments_are_the_runs_of_segment_ids():
+  M = 4
+  rows = np.array([[1, 1, 1, 2, 2, 0, 0, 0],     # packed + padding: 3 runs
+                   [5, 5, 3, 3, 3, 3, 0, 0],     # ids need not increase
+                   [1, 2, 3, 4, 4, 4, 4, 4]], np.int32)
+  seqlen, offsets, ok = platform.cudnn_segments(jnp.asarray(rows), M)
+  np.testing.assert_array_equal(seqlen, [[3, 2, 3, -1], [2, 4, 2, -1], [1, 1, 1, 5]])
+  np.testing.assert_array_equal(offsets, [[0, 3, 5, -1, -1], [0, 2, 6, -1, -1],
+                                          [0, 1, 2, 3, -1]])
+  assert bool(ok)
+  # Not expressible: an id in two runs (padding between documents twice,
+  # or a document split), or more than M runs.
+  for bad in ([1, 1, 0, 0, 2, 2, 0, 0], [1, 1, 2, 2, 1, 1, 0, 0], [1, 2, 3, 4, 5, 0, 0, 0]):
+    assert not bool(platform.cudnn_segments(jnp.asarray([rows[0], bad]), M)[2]), bad
+  assert bool(platform.cudnn_segments(jnp.asarray([[1, 0, 2, 2]]), M)[2])  # one padding run
+
+
+@pytest.mark.parametrize('causal,window', [(True, 0), (True, 9), (False, 0)])
+def test_cudnn_packed_layout_is_the_gemjax_mask(causal, window):
+  """The seqlen/offsets given to cuDNN describe exactly gemjax's mask on
+  packed and padded rows, padding included (it is a run of its own): the
+  packed-layout semantics, computed in numpy, equal the dense reference."""
+  q, k, v, ct, info = make_inputs()
+  info = info._replace(block_ids_BxT=jnp.zeros_like(info.block_ids_BxT))
+  assert bool(platform.cudnn_mask_ok(info))
+  seqlen, offsets, _ = platform.cudnn_segments(info.segment_ids_BxT)
+  np.testing.assert_array_equal(np.asarray(seqlen)[:, :5], [[30, 20, 16, 6, -1],
+                                                           [41, 31, -1, -1, -1]])
+  want = dense_fn(causal, window)(q, k, v, ct, info)[0][1]
+  got = _cudnn_packed_reference(q, k, v, np.asarray(seqlen), np.asarray(offsets),
+                                causal=causal, window=window)
+  np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def test_cudnn_mask_check_rejects_blocks_layouts_and_too_many_runs():
+  _, _, _, _, info = make_inputs()
+  no_blocks = info._replace(block_ids_BxT=jnp.zeros_like(info.block_ids_BxT))
+  assert not bool(platform.cudnn_mask_ok(info))                # bidirectional blocks
+  permuted = no_blocks._replace(index_BxT=no_blocks.index_BxT[:, ::-1])
+  assert not bool(platform.cudnn_mask_ok(permuted))            # a context layout
+  T = info.segment_ids_BxT.shape[1]
+  many = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) // 4 + 1, (2, T))   # 18 runs
+  assert not bool(platform.cudnn_mask_ok(no_blocks._replace(segment_ids_BxT=many)))
+
+
+def test_cudnn_kernel_lowers_to_the_packed_cudnn_call_for_gpu(monkeypatch):
+  """Lowered for CUDA from this CPU host (no GPU here): packed rows go to
+  cuDNN's fused attention forward and backward with the seqlen/offsets
+  operands, the padding-causal mask and the window; the batch-level
+  'blockwise' fallback is the other branch. JAX's trace-time GPU probes
+  (cuDNN version, compute capability) are stubbed: they need a GPU."""
+  import re
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  monkeypatch.setattr(cudnn, 'check_cudnn_version', lambda: 90800)
+  monkeypatch.setattr(cudnn, 'check_compute_capability', lambda c: True)
+  monkeypatch.setattr(cudnn, 'is_cuda_compute_capability_equal', lambda c: False)
+  monkeypatch.setattr(platform, 'cudnn_static_ok', lambda *a: True)
+  q, k, v, ct, info = make_inputs(T=64, K=16)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+
+  def loss(q, k, v):
+    o = attn.cudnn_kernel(q, k, v, info, causal=True, window=9)
+    return jnp.sum(o.astype(jnp.float32) * ct)
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
+      lowering_platforms=('cuda',)).as_text()
+  calls = {m.group(1): m.group(2).count('%') for m in
+           re.finditer(r'custom_call @(__cudnn\$\w+)\((.*?)\)', hlo)}
+  # q, k, v, q/kv seqlen, q/kv offsets (+ output, stats, grad in backward).
+  assert calls == {'__cudnn$fmhaSoftmax': 7, '__cudnn$fmhaSoftmaxBackward': 10}, calls
+  assert hlo.count('mask_type\\22: \\22PADDING_CAUSAL') == 2
+  assert hlo.count('sliding_window_length\\22: 9') == 2
+  assert 'stablehlo.case' in hlo
+
+
 def test_blockwise_backward_keeps_only_linear_residuals():
   """The custom VJP saves q, k, v, out and logsumexp: no [T, S] probabilities."""
   q, k, v, ct, info = make_inputs(T=256, H=2, G=2)
@@ -169,7 +271,7 @@ def test_platform_fallback_is_named_for_the_startup_log():
   assert 'multiples of 128' in attn.platform_fallback('splash', seq_len=200, head_dim=128,
                                                       compute_dtype='auto', backend='tpu')
   assert 'bidirectional blocks' in fb('splash', backend='tpu')
-  assert 'packed or padded rows' in fb('cudnn', backend='gpu')
+  assert 'packed and padded text rows run cuDNN' in fb('cudnn', backend='gpu')
   assert "compute_dtype='float32'" in attn.platform_fallback(
       'cudnn', seq_len=256, head_dim=128, compute_dtype='float32', backend='gpu')
   assert fb('blockwise', backend='tpu') is None and fb('ring', backend='gpu') is None
