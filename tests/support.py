@@ -69,6 +69,28 @@ def window_probe(T=32, window=5):
   return q, k, v, info
 
 
+def pretend_cuda(monkeypatch, backend: bool = False):
+  """Lets this CPU host lower cuDNN attention for CUDA: JAX's trace-time GPU
+  probes (cuDNN version, compute capability) are stubbed, as is gemjax's
+  Hopper test; with `backend`, `jax.default_backend()` also says 'gpu' (undo
+  it before running anything)."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  from gemjax.kernels import platform
+  monkeypatch.setattr(cudnn, 'check_cudnn_version', lambda: 90800)
+  monkeypatch.setattr(cudnn, 'check_compute_capability', lambda c: True)
+  monkeypatch.setattr(cudnn, 'is_cuda_compute_capability_equal', lambda c: False)
+  monkeypatch.setattr(platform, 'hopper_or_later', lambda: True)
+  if backend:
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+
+
+def cudnn_calls(hlo: str) -> dict[str, int]:
+  """cuDNN attention custom calls in lowered StableHLO text -> operand count."""
+  import re
+  return {m.group(1): m.group(2).count('%') for m in
+          re.finditer(r'custom_call @(__cudnn\$\w+)\((.*?)\)', hlo)}
+
+
 def sample_text(split: str = 'validation') -> list[str]:
   """The text segments of the sample corpus's text_lm records of `split`."""
   import glob

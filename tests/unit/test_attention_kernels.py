@@ -18,7 +18,8 @@ from gemjax.kernels import flash, platform
 from gemjax.kernels import dense_attention, naive_attention, visible_mask
 from gemjax.model import attention as attn
 from gemjax.model.info import SequenceInfo
-from support import ATOL, assert_same, dense_fn, make_inputs, value_and_grads, window_probe
+from support import (ATOL, assert_same, cudnn_calls, dense_fn, make_inputs, pretend_cuda,
+                     value_and_grads, window_probe)
 
 ATTENTION_KERNELS = attn.KERNELS
 
@@ -167,12 +168,8 @@ def test_cudnn_kernel_lowers_to_the_packed_cudnn_call_for_gpu(monkeypatch):
   cuDNN's fused attention forward and backward with the seqlen/offsets
   operands, the padding-causal mask and the window; the batch-level
   'blockwise' fallback is the other branch. JAX's trace-time GPU probes
-  (cuDNN version, compute capability) are stubbed: they need a GPU."""
-  import re
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn
-  monkeypatch.setattr(cudnn, 'check_cudnn_version', lambda: 90800)
-  monkeypatch.setattr(cudnn, 'check_compute_capability', lambda c: True)
-  monkeypatch.setattr(cudnn, 'is_cuda_compute_capability_equal', lambda c: False)
+  are stubbed (`support.pretend_cuda`): they need a GPU."""
+  pretend_cuda(monkeypatch)
   monkeypatch.setattr(platform, 'cudnn_static_ok', lambda *a: True)
   q, k, v, ct, info = make_inputs(T=64, K=16)
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
@@ -183,8 +180,7 @@ def test_cudnn_kernel_lowers_to_the_packed_cudnn_call_for_gpu(monkeypatch):
 
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
       lowering_platforms=('cuda',)).as_text()
-  calls = {m.group(1): m.group(2).count('%') for m in
-           re.finditer(r'custom_call @(__cudnn\$\w+)\((.*?)\)', hlo)}
+  calls = cudnn_calls(hlo)
   # q, k, v, q/kv seqlen, q/kv offsets (+ output, stats, grad in backward).
   assert calls == {'__cudnn$fmhaSoftmax': 7, '__cudnn$fmhaSoftmaxBackward': 10}, calls
   assert hlo.count('mask_type\\22: \\22PADDING_CAUSAL') == 2
