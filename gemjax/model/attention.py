@@ -169,11 +169,14 @@ def platform_fallback(attention: str, *, seq_len: int, head_dim: int, compute_dt
       return (f"model.attention='cudnn' runs the 'blockwise' kernel: it needs a 16-bit "
               f"compute dtype (model.compute_dtype={compute_dtype!r}) and model.head_dim "
               f"a multiple of 8 up to 256 ({head_dim})")
+    if backend == jax.default_backend() and not platform.hopper_or_later():
+      return ("model.attention='cudnn' runs the 'blockwise' kernel: cuDNN's packed layout "
+              f"needs an NVIDIA GPU of compute capability 9.0 or later (this one: "
+              f"{getattr(jax.devices()[0], 'compute_capability', 'none')})")
     return ("model.attention='cudnn': batches with bidirectional blocks (image, audio, "
             "video), a context layout or a row of more than "
             f"{platform.CUDNN_MAX_SEGMENTS} segment runs take the 'blockwise' kernel at run "
-            "time; plain, packed and padded text rows run cuDNN (on a GPU older than Hopper, "
-            "every row takes 'blockwise')")
+            "time; plain, packed and padded text rows run cuDNN")
   return None
 
 

@@ -270,6 +270,10 @@ def test_platform_fallback_is_named_for_the_startup_log():
   assert 'packed and padded text rows run cuDNN' in fb('cudnn', backend='gpu')
   assert "compute_dtype='float32'" in attn.platform_fallback(
       'cudnn', seq_len=256, head_dim=128, compute_dtype='float32', backend='gpu')
+  # On a GPU older than Hopper (here: pretend the CPU host is one).
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(jax, 'default_backend', lambda: 'gpu')
+    assert 'compute capability 9.0' in fb('cudnn', backend='gpu')
   assert fb('blockwise', backend='tpu') is None and fb('ring', backend='gpu') is None
 
 
