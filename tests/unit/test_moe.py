@@ -390,6 +390,51 @@ def test_dropless_expert_parallel_uses_ragged_all_to_all_off_cpu():
   assert bwd.count('ragged_all_to_all') == 3
 
 
+def _emulated_ragged(mesh, operand, output, in_off, send, out_off, recv):
+  """The CPU emulation under a shard_map over 'expert': per-device rows stacked."""
+  P_ = jax.sharding.PartitionSpec
+  n = mesh.shape['expert']
+  fn = jax.shard_map(
+      functools.partial(expert_lib.ragged_all_to_all, axis_name='expert', num_shards=n,
+                        emulate=True),
+      mesh=mesh, in_specs=(P_('expert'),) * 6, out_specs=P_('expert'))
+  args = [jnp.asarray(np.concatenate(a)) for a in (operand, output, in_off, send, out_off,
+                                                    recv)]
+  return np.asarray(jax.jit(fn)(*args)).reshape(n, -1, *np.shape(operand[0])[1:])
+
+
+def test_ragged_emulation_follows_the_documented_ragged_all_to_all():
+  """The emulation CPU tests rely on computes what `jax.lax.ragged_all_to_all`
+  is documented to compute (the real op cannot run on XLA:CPU): its
+  docstring's worked example exactly, and its send/receive pseudo-code,
+  written in numpy, on random ragged slices with gaps over 4 devices."""
+  rows = lambda a: np.asarray(a, np.float32)[..., None]    # rows of one feature
+  got = _emulated_ragged(_mesh({'expert': 2}),
+                         rows([[1, 2, 2], [3, 4, 0]]), rows([[0] * 4, [0] * 4]),
+                         *(np.asarray(a, np.int32) for a in (
+                             [[0, 1], [0, 1]], [[1, 2], [1, 1]], [[0, 0], [1, 2]],
+                             [[1, 1], [2, 1]])))
+  np.testing.assert_array_equal(got[..., 0], [[1, 3, 0, 0], [2, 2, 4, 0]])
+
+  Pn, M, R, D_ = 4, 16, 20, 3
+  rng = np.random.default_rng(0)
+  send = rng.integers(0, 4, size=(Pn, Pn))                  # send[i, j]: i -> j
+  in_off = np.stack([np.cumsum(send[i]) - send[i] + np.arange(Pn) % 2 for i in range(Pn)])
+  recv = send.T.copy()                                      # recv[j, i] = send[i, j]
+  land = np.stack([np.cumsum(recv[j]) - recv[j] + 1 for j in range(Pn)])  # gap at row 0
+  out_off = land.T.copy()                                   # sender i: where it lands on j
+  operand = rng.normal(size=(Pn, M, D_)).astype(np.float32)
+  output = np.full((Pn, R, D_), -1.0, np.float32)
+  want = output.copy()
+  for i in range(Pn):                                       # the docstring's SEND/RECEIVE
+    for j in range(Pn):
+      want[j, out_off[i, j]:out_off[i, j] + send[i, j]] = \
+          operand[i, in_off[i, j]:in_off[i, j] + send[i, j]]
+  got = _emulated_ragged(_mesh({'expert': Pn}), operand, output,
+                         *(a.astype(np.int32) for a in (in_off, send, out_off, recv)))
+  np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu'])
 def test_auto_path_is_capacity_on_every_backend(monkeypatch, backend):
   """Dropless's real ragged exchange has never run on an accelerator here:
