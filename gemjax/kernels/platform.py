@@ -20,8 +20,9 @@ import jax.numpy as jnp
 CUDNN_MAX_SEGMENTS = 16
 
 
-def cudnn_static_ok(q, k, causal: bool, window: int) -> bool:
-  if jax.default_backend() != 'gpu':
+def cudnn_static_ok(q, k, causal: bool, window: int, platform: str | None = None) -> bool:
+  """`platform`: what the program is traced for (default: this backend)."""
+  if (platform or jax.default_backend()) != 'gpu':
     return False
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
     return False
@@ -95,14 +96,16 @@ def cudnn_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, causal: bool, wind
       sliding_window_length=window or None)
 
 
-def splash_static_ok(q, k, causal: bool, window: int, interpret: bool) -> bool:
+def splash_static_ok(q, k, causal: bool, window: int, interpret: bool,
+                     platform: str | None = None) -> bool:
+  """`platform`: what the program is traced for (default: this backend)."""
   del causal, window
   T, S = q.shape[1], k.shape[1]
   if T != S or T % 128:
     return False
   if interpret:
     return True
-  return jax.default_backend() == 'tpu' and q.shape[-1] % 128 == 0
+  return (platform or jax.default_backend()) == 'tpu' and q.shape[-1] % 128 == 0
 
 
 def splash_mask_ok(mask) -> jax.Array:

@@ -35,7 +35,7 @@ from gemjax.model.params import dtype, fan_in_std, param, project
 from gemjax.model.rope import NO_SCALING, apply_rope
 from gemjax.parallel import kv_cache
 from gemjax.parallel.ring_attention import ring_attention, sharded_blockwise
-from gemjax.parallel.sharding import constrain, current_mesh, logical_to_spec
+from gemjax.parallel.sharding import constrain, current_mesh, logical_to_spec, target_platform
 
 
 class AttentionKernel(Protocol):
@@ -91,7 +91,8 @@ def cudnn_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=
   _no_softcap('cudnn', softcap)
   fallback = functools.partial(blockwise_kernel, kv_mask=kv_mask, causal=causal,
                                window=window, block=block)
-  if kv_mask is not None or not platform.cudnn_static_ok(q_BxTxHxK, k_BxSxGxK, causal, window):
+  if kv_mask is not None or not platform.cudnn_static_ok(q_BxTxHxK, k_BxSxGxK, causal, window,
+                                                         target_platform()):
     return fallback(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
   fused = functools.partial(platform.cudnn_attention, causal=causal, window=window)
   return jax.lax.cond(platform.cudnn_mask_ok(mask),
@@ -113,7 +114,7 @@ def splash_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal
   fallback = functools.partial(blockwise_kernel, kv_mask=kv_mask, causal=causal,
                                window=window, block=block)
   if kv_mask is not None or not platform.splash_static_ok(
-      q_BxTxHxK, k_BxSxGxK, causal, window, interpret):
+      q_BxTxHxK, k_BxSxGxK, causal, window, interpret, target_platform()):
     return fallback(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
   fused = _per_device(functools.partial(platform.splash_attention, causal=causal,
                                         window=window, interpret=interpret))

@@ -79,7 +79,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from gemjax.parallel.axes import EXPERT_AXIS, TENSOR_AXIS, axis_size
-from gemjax.parallel.sharding import current_mesh, logical_to_spec
+from gemjax.parallel.sharding import current_mesh, logical_to_spec, target_platform
 
 PATHS = ('auto', 'capacity', 'dropless')
 
@@ -159,7 +159,9 @@ def dispatch_combine(x_BxTxD: jax.Array, expert_BxTxK: jax.Array, gate_BxTxK: ja
     dropless_buffer_factor: dropless + expert parallel only: 0 = worst-case
       receive buffer, f > 0 = bounded by f x a balanced load, overflow dropped
       (`dropless_receive_rows`; the module docstring).
-    emulate_ragged: dropless + expert parallel only; None = emulate on CPU.
+    emulate_ragged: dropless + expert parallel only; None = emulate when
+      tracing for CPU (`sharding.target_platform`: a TPU topology compiled on a
+      CPU host gets the real op).
 
   Returns:
     (y_BxTxD, kept_BxTxK): outputs, and which assignments were computed
@@ -167,7 +169,7 @@ def dispatch_combine(x_BxTxD: jax.Array, expert_BxTxK: jax.Array, gate_BxTxK: ja
   """
   path = resolve_path(path)
   if emulate_ragged is None:
-    emulate_ragged = jax.default_backend() == 'cpu'
+    emulate_ragged = target_platform() == 'cpu'
   weights = tuple(weights)
   kw = dict(fns=fns, num_experts=num_experts, path=path, capacity_factor=capacity_factor,
             dropless_buffer_factor=dropless_buffer_factor, emulate_ragged=emulate_ragged)

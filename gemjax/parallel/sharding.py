@@ -197,6 +197,16 @@ def current_mesh() -> Any:
   return None if mesh is None or mesh.empty else mesh
 
 
+def target_platform() -> str:
+  """The platform being traced for: the ambient mesh's devices ('tpu' when
+  compiling for a TPU topology on a CPU host, `gemjax.train.tpu_compile`),
+  else the default backend. 'gpu' for CUDA and ROCm alike."""
+  mesh = current_mesh()
+  device = getattr(mesh, 'abstract_device', None) if mesh is not None else None
+  platform = getattr(device, 'platform', None) or jax.default_backend()
+  return 'gpu' if platform in ('cuda', 'rocm') else platform
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint from logical names under the current mesh; else no-op."""
   mesh = current_mesh()

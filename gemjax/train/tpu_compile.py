@@ -149,6 +149,7 @@ def compile_for_topology(cfg: config_lib.Config, topology: str, num_slices: int 
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   kind = devices[0].device_kind
+  hlo = compiled.as_text()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
   B, T = cfg.train.batch_size, cfg.train.seq_len
@@ -164,6 +165,10 @@ def compile_for_topology(cfg: config_lib.Config, topology: str, num_slices: int 
       'xla_flops_per_device': float(cost.get('flops', float('nan'))),
       'model_flops_per_device': flops_lib.train_flops_per_step(mdef.spec, B, T) / len(devices),
       'lower_s': t1 - t0, 'compile_s': t2 - t1,
+      # What the TPU compiler was given beyond plain XLA ops: Pallas (Mosaic)
+      # kernels, e.g. splash attention, and the dropless MoE exchange.
+      'pallas_calls': hlo.count('custom_call_target="tpu_custom_call"'),
+      'ragged_all_to_all': hlo.count(' ragged-all-to-all('),
   }
 
 
@@ -182,4 +187,7 @@ def format_report(path: str, r: dict) -> str:
           f"{gib(r['code_bytes'])}; peak {gib(r['peak_bytes'])} vs {hbm}: {verdict}. "
           f"FLOPs per chip: XLA {r['xla_flops_per_device']:.3g}, gemjax "
           f"{r['model_flops_per_device']:.3g} (x{r['xla_flops_per_device'] / r['model_flops_per_device']:.2f}). "
-          f"Lowered in {r['lower_s']:.1f} s, compiled in {r['compile_s']:.1f} s.")
+          f"Lowered in {r['lower_s']:.1f} s, compiled in {r['compile_s']:.1f} s."
+          + (f" Pallas kernel calls: {r['pallas_calls']}." if r.get('pallas_calls') else '')
+          + (f" ragged-all-to-all ops: {r['ragged_all_to_all']}."
+             if r.get('ragged_all_to_all') else ''))

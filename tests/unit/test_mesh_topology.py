@@ -127,3 +127,26 @@ def test_dcn_sizes_that_do_not_match_the_slices_are_refused():
   uneven = [FakeDevice(i, slice_index=int(i >= 3)) for i in range(8)]
   with pytest.raises(ConfigError, match=r'must hold 4 devices .* they hold \{0: 3, 1: 5\}'):
     shd.device_grid((4, 1, 1, 1, 1), (2, 1, 1, 1, 1), uneven)
+
+
+def test_target_platform_is_the_mesh_devices_platform_inside_and_outside_jit():
+  """What platform kernels and the ragged exchange choose by: the ambient
+  mesh's devices (a TPU topology compiled here says 'tpu': the slow
+  test_tpu_compile test), else the default backend; CUDA and ROCm read 'gpu'."""
+  assert shd.target_platform() == jax.default_backend() == 'cpu'
+  mesh = shd.make_mesh({a: 1 for a in AXES} | {'data': 2}, devices=jax.devices()[:2])
+  seen = []
+  with shd.use_mesh(mesh):
+    seen.append(shd.target_platform())
+    jax.jit(lambda x: seen.append(shd.target_platform()) or x)(1.0)
+  assert seen == ['cpu', 'cpu']
+
+  class Device:
+    platform = 'cuda'
+
+  class Mesh:
+    abstract_device = Device()
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(shd, 'current_mesh', lambda: Mesh())
+    assert shd.target_platform() == 'gpu'
