@@ -30,13 +30,27 @@ def cudnn_static_ok(q, k, causal: bool, window: int, platform: str | None = None
   if K % 8 or K > 256:
     return False
   # cuDNN has only a left window, and only together with the causal mask.
-  return (causal or not window) and hopper_or_later()
+  return (causal or not window) and hopper_or_later() and cudnn_version() >= 90600
 
 
 def hopper_or_later() -> bool:
-  """cuDNN's packed layout needs compute capability 9.0 (NVIDIA only)."""
+  """cuDNN's packed layout needs compute capability 9.0 (NVIDIA only; ROCm
+  devices report 'gfx...' and are not)."""
   cap = getattr(jax.devices()[0], 'compute_capability', None)
-  return cap is not None and tuple(int(x) for x in cap.split('.')[:2]) >= (9, 0)
+  try:
+    return cap is not None and tuple(int(x) for x in cap.split('.')[:2]) >= (9, 0)
+  except ValueError:
+    return False
+
+
+def cudnn_version() -> int:
+  """The cuDNN JAX was built against (e.g. 90800), 0 where there is none; the
+  packed layout needs 9.6."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  try:
+    return int(cudnn.check_cudnn_version())
+  except RuntimeError:
+    return 0
 
 
 def cudnn_segments(segment_ids_BxT: jax.Array, max_segments: int = CUDNN_MAX_SEGMENTS):
@@ -84,14 +98,23 @@ def cudnn_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, causal: bool, wind
   Each row's segments go to cuDNN as separate sequences (seqlen/offsets,
   `cudnn_segments`), so packing and padding are expressed exactly; the
   causal mask and the left window then apply within each one. Valid only
-  where `cudnn_mask_ok(mask)` holds. `jax.nn.dot_product_attention` has no
-  packed-layout argument, so this calls the cuDNN entry point under it.
+  where `cudnn_mask_ok(mask)` holds, and on one device's rows (the caller
+  maps it per device: the offsets index the local batch).
+  `jax.nn.dot_product_attention` has no packed-layout argument, so this calls
+  the cuDNN entry point under it. That entry point scales the K/V offsets by
+  the query's head count, so grouped K/V heads are repeated to the query's
+  count first (autodiff sums their gradients back).
   """
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  R = q_BxTxHxK.shape[2] // k_BxSxGxK.shape[2]
+  if R > 1:
+    k_BxSxGxK = jnp.repeat(k_BxSxGxK, R, axis=2)
+    v_BxSxGxK = jnp.repeat(v_BxSxGxK, R, axis=2)
   seqlen, offsets, _ = cudnn_segments(mask.segment_ids_BxT, max_segments)
   kind = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
   return cudnn.dot_product_attention(
-      q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, None, None, seqlen, seqlen, offsets, offsets,
+      q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, bias=None, mask=None, q_seqlen=seqlen,
+      kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
       scale=q_BxTxHxK.shape[-1] ** -0.5, mask_type=kind,
       sliding_window_length=window or None)
 

@@ -83,10 +83,12 @@ def cudnn_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=
                  window=0, block=DEFAULT_BLOCK, softcap=0.0):
   """cuDNN fused attention where it fits, else 'blockwise'.
 
-  Static fallback (off GPU, f32, odd head dims) and run-time fallback
-  (`lax.cond` on the batch: bidirectional blocks, permuted layouts, more
-  than `platform.CUDNN_MAX_SEGMENTS` runs of segment ids in a row) both go
-  to 'blockwise'. Packed and padded rows run cuDNN (its packed layout).
+  Static fallback (off GPU, a GPU older than Hopper, cuDNN < 9.6, f32, odd
+  head dims) and run-time fallback (`lax.cond` on the batch: bidirectional
+  blocks, permuted layouts, more than `platform.CUDNN_MAX_SEGMENTS` runs of
+  segment ids in a row) both go to 'blockwise'. Packed and padded rows run
+  cuDNN (its packed layout), per device in a `shard_map` under a mesh so
+  that each device's segment offsets describe its own rows.
   """
   _no_softcap('cudnn', softcap)
   fallback = functools.partial(blockwise_kernel, kv_mask=kv_mask, causal=causal,
@@ -94,9 +96,10 @@ def cudnn_kernel(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, *, kv_mask=None, causal=
   if kv_mask is not None or not platform.cudnn_static_ok(q_BxTxHxK, k_BxSxGxK, causal, window,
                                                          target_platform()):
     return fallback(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
-  fused = functools.partial(platform.cudnn_attention, causal=causal, window=window)
+  fused = _per_device(functools.partial(platform.cudnn_attention, causal=causal,
+                                        window=window))
   return jax.lax.cond(platform.cudnn_mask_ok(mask),
-                      lambda q, k, v: fused(q, k, v, mask),
+                      lambda q, k, v: fused(q, k, v, mask.segment_ids_BxT),
                       lambda q, k, v: fallback(q, k, v, mask),
                       q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
 
@@ -130,7 +133,10 @@ class _Segments(NamedTuple):
 
 def _per_device(fused):
   """fused(q, k, v, mask) as fn(q, k, v, segment_ids): run as is without a
-  mesh, else in a shard_map over the axes that split rows and heads."""
+  mesh, else in a shard_map over the axes that split rows and heads (fused
+  kernels see their device's rows; `mask` carries segment ids only).
+  Query head i uses KV head i // (H / G), so splitting both over 'tensor'
+  keeps each group on one device."""
   def run(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxT):
     mesh = current_mesh()
     call = lambda q, k, v, seg: fused(q, k, v, _Segments(seg))
@@ -174,6 +180,9 @@ def platform_fallback(attention: str, *, seq_len: int, head_dim: int, compute_dt
       return ("model.attention='cudnn' runs the 'blockwise' kernel: cuDNN's packed layout "
               f"needs an NVIDIA GPU of compute capability 9.0 or later (this one: "
               f"{getattr(jax.devices()[0], 'compute_capability', 'none')})")
+    if backend == jax.default_backend() and platform.cudnn_version() < 90600:
+      return ("model.attention='cudnn' runs the 'blockwise' kernel: cuDNN's packed layout "
+              f"needs cuDNN 9.6 or later (JAX has {platform.cudnn_version() or 'none'})")
     return ("model.attention='cudnn': batches with bidirectional blocks (image, audio, "
             "video), a context layout or a row of more than "
             f"{platform.CUDNN_MAX_SEGMENTS} segment runs take the 'blockwise' kernel at run "

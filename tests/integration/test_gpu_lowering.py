@@ -1,8 +1,10 @@
 """The nano train step with `model.attention=cudnn`, lowered for CUDA on this
 CPU host (no GPU here: JAX's trace-time GPU probes are stubbed,
-`support.pretend_cuda`). Shows the whole model, not only the kernel, reaches
-cuDNN: every layer's attention becomes cuDNN's packed-layout forward and
-backward call. Running it is `bench/gpu_checks.py`'s job on a GPU machine."""
+`support.pretend_cuda`). Shows the whole model, not only the kernel, hands
+cuDNN's packed-layout forward and backward call to the compiler in every
+layer. Lowering only: which branch runs is decided per batch at run time,
+and nano's multimodal batches (bidirectional blocks) would take 'blockwise'.
+Running cuDNN is `bench/gpu_checks.py`'s job on a GPU machine."""
 
 import jax
 import jax.numpy as jnp

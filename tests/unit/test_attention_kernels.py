@@ -152,6 +152,35 @@ def test_cudnn_packed_layout_is_the_gemjax_mask(causal, window):
   np.testing.assert_allclose(got, want, atol=ATOL)
 
 
+def test_cudnn_kernel_runs_per_device_under_a_mesh_with_local_offsets(monkeypatch):
+  """Under a data x tensor mesh (lowered for CUDA) cuDNN runs inside a
+  shard_map: each device gets its own rows and heads, K/V repeated to its
+  query heads, and the seqlen/offsets of its own rows (not the global
+  batch's, which the cuDNN call would read as if they were local)."""
+  from gemjax.parallel import sharding as shd
+  pretend_cuda(monkeypatch)
+  monkeypatch.setattr(platform, 'cudnn_static_ok', lambda *a: True)
+  q, k, v, ct, info = make_inputs(B=4, T=64, K=16)        # 4 query heads, 2 KV heads
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  mesh = shd.make_mesh({'data': 2, 'fsdp': 1, 'expert': 1, 'context': 1, 'tensor': 2},
+                       devices=jax.devices()[:4])
+
+  def loss(q, k, v):
+    o = attn.cudnn_kernel(q, k, v, info, causal=True, window=0)
+    return jnp.sum(o.astype(jnp.float32) * ct)
+
+  with shd.use_mesh(mesh):
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
+        lowering_platforms=('cuda',)).as_text()
+  assert cudnn_calls(hlo) == {'__cudnn$fmhaSoftmax': 7, '__cudnn$fmhaSoftmaxBackward': 10}
+  assert 'manual_computation' in hlo
+  (line,) = [l for l in hlo.splitlines() if 'custom_call @__cudnn$fmhaSoftmax(' in l]
+  operands = line[line.rindex(' : (') + 4:line.index(') ->', line.rindex(' : ('))]
+  # 2 of 4 rows, 2 of 4 query heads, KV heads 1 of 2 repeated to 2; M = 16.
+  assert operands.split(', ') == ['tensor<2x64x2x16xbf16>'] * 3 + ['tensor<2x16xi32>'] * 2 + [
+      'tensor<2x17xi32>'] * 2, operands
+
+
 def test_cudnn_mask_check_rejects_blocks_layouts_and_too_many_runs():
   _, _, _, _, info = make_inputs()
   no_blocks = info._replace(block_ids_BxT=jnp.zeros_like(info.block_ids_BxT))
@@ -161,6 +190,33 @@ def test_cudnn_mask_check_rejects_blocks_layouts_and_too_many_runs():
   T = info.segment_ids_BxT.shape[1]
   many = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) // 4 + 1, (2, T))   # 18 runs
   assert not bool(platform.cudnn_mask_ok(no_blocks._replace(segment_ids_BxT=many)))
+
+
+def test_cudnn_call_gets_kv_heads_repeated_so_jax_offsets_stay_inside_kv(monkeypatch):
+  """JAX's cuDNN entry point turns token offsets into element offsets with
+  the *query's* head count, for K and V too: grouped K/V heads must reach it
+  repeated, or cuDNN reads (and its backward writes) past K/V. Checked with
+  JAX's own conversion (`_fix_seqlen_offsets`) on what gemjax passes."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  seen = {}
+
+  def record(q, k, v, **kw):
+    seen.update(q=q, k=k, **kw)
+    return jnp.zeros_like(q)
+
+  monkeypatch.setattr(cudnn, 'dot_product_attention', record)
+  q, k, v, _, info = make_inputs()                     # 4 query heads, 2 KV heads
+  platform.cudnn_attention(q, k, v, info, causal=True, window=0)
+  assert seen['k'].shape == q.shape
+  np.testing.assert_array_equal(seen['k'][:, :, 1], k[:, :, 0])   # head 1 uses KV head 0
+  _, _, q_off, kv_off = cudnn._fix_seqlen_offsets(
+      seen['q_seqlen'], seen['kv_seqlen'], seen['q_offsets'], seen['kv_offsets'],
+      seen['q'], seen['k'])
+  # Segment starts, in elements (the fill past the last one is the array's end).
+  starts = np.asarray(kv_off)[np.asarray(kv_off) < q.size]
+  np.testing.assert_array_equal(starts, np.asarray(q_off)[np.asarray(q_off) < q.size])
+  assert starts.max() < seen['k'].size
+  assert starts.max() >= k.size                         # past un-repeated K/V's end
 
 
 def test_cudnn_kernel_lowers_to_the_packed_cudnn_call_for_gpu(monkeypatch):

@@ -131,22 +131,24 @@ def test_dcn_sizes_that_do_not_match_the_slices_are_refused():
 
 def test_target_platform_is_the_mesh_devices_platform_inside_and_outside_jit():
   """What platform kernels and the ragged exchange choose by: the ambient
-  mesh's devices (a TPU topology compiled here says 'tpu': the slow
-  test_tpu_compile test), else the default backend; CUDA and ROCm read 'gpu'."""
+  mesh's devices (a TPU topology compiled on this CPU host says 'tpu'), else
+  the default backend; CUDA and ROCm read 'gpu'."""
+  from jax._src.mesh import AbstractDevice
   assert shd.target_platform() == jax.default_backend() == 'cpu'
   mesh = shd.make_mesh({a: 1 for a in AXES} | {'data': 2}, devices=jax.devices()[:2])
-  seen = []
   with shd.use_mesh(mesh):
-    seen.append(shd.target_platform())
-    jax.jit(lambda x: seen.append(shd.target_platform()) or x)(1.0)
-  assert seen == ['cpu', 'cpu']
-
-  class Device:
-    platform = 'cuda'
-
-  class Mesh:
-    abstract_device = Device()
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(shd, 'current_mesh', lambda: Mesh())
-    assert shd.target_platform() == 'gpu'
+    assert shd.target_platform() == 'cpu'
+  seen = []
+  for platform, want in (('tpu', 'tpu'), ('cuda', 'gpu'), ('rocm', 'gpu'), ('cpu', 'cpu')):
+    target = jax.sharding.AbstractMesh(
+        (2, 1, 1, 1, 1), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 5,
+        abstract_device=AbstractDevice(device_kind='x', num_cores=None, platform=platform))
+    with jax.sharding.use_abstract_mesh(target):
+      assert shd.target_platform() == want, platform
+      jax.jit(lambda x: seen.append(shd.target_platform()) or x)(1.0)   # at trace time
+  assert seen == ['tpu', 'gpu', 'gpu', 'cpu']
+  # A mesh without devices (aot.abstract_check's) falls back to the backend.
+  bare = jax.sharding.AbstractMesh((2, 1, 1, 1, 1), AXES,
+                                   axis_types=(jax.sharding.AxisType.Auto,) * 5)
+  with jax.sharding.use_abstract_mesh(bare):
+    assert shd.target_platform() == 'cpu'
