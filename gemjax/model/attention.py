@@ -176,13 +176,14 @@ def platform_fallback(attention: str, *, seq_len: int, head_dim: int, compute_dt
       return (f"model.attention='cudnn' runs the 'blockwise' kernel: it needs a 16-bit "
               f"compute dtype (model.compute_dtype={compute_dtype!r}) and model.head_dim "
               f"a multiple of 8 up to 256 ({head_dim})")
-    if backend == jax.default_backend() and not platform.hopper_or_later():
-      return ("model.attention='cudnn' runs the 'blockwise' kernel: cuDNN's packed layout "
-              f"needs an NVIDIA GPU of compute capability 9.0 or later (this one: "
-              f"{getattr(jax.devices()[0], 'compute_capability', 'none')})")
-    if backend == jax.default_backend() and platform.cudnn_version() < 90600:
-      return ("model.attention='cudnn' runs the 'blockwise' kernel: cuDNN's packed layout "
-              f"needs cuDNN 9.6 or later (JAX has {platform.cudnn_version() or 'none'})")
+    if backend == jax.default_backend():     # the devices here are the ones it runs on
+      if not platform.hopper_or_later():
+        return ("model.attention='cudnn' runs the 'blockwise' kernel: cuDNN's packed layout "
+                f"needs an NVIDIA GPU of compute capability 9.0 or later (this one: "
+                f"{getattr(jax.devices()[0], 'compute_capability', 'none')})")
+      if (version := platform.cudnn_version()) < 90600:
+        return ("model.attention='cudnn' runs the 'blockwise' kernel: cuDNN's packed layout "
+                f"needs cuDNN 9.6 or later (JAX has {version or 'none'})")
     return ("model.attention='cudnn': batches with bidirectional blocks (image, audio, "
             "video), a context layout or a row of more than "
             f"{platform.CUDNN_MAX_SEGMENTS} segment runs take the 'blockwise' kernel at run "

@@ -118,6 +118,28 @@ def _cudnn_packed_reference(q, k, v, seqlen, offsets, *, causal, window):
   return out
 
 
+def _cudnn_grad_hlo(monkeypatch, *, window, B=2, mesh=None):
+  """The gradient of `cudnn_kernel` on packed GQA rows (4 query heads, 2 KV
+  heads, bf16), lowered for CUDA from this CPU host: JAX's trace-time GPU
+  probes are stubbed (`support.pretend_cuda`), they need a GPU."""
+  from gemjax.parallel import sharding as shd
+  pretend_cuda(monkeypatch)
+  monkeypatch.setattr(platform, 'cudnn_static_ok', lambda *a: True)
+  q, k, v, ct, info = make_inputs(B=B, T=64, K=16)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+
+  def loss(q, k, v):
+    o = attn.cudnn_kernel(q, k, v, info, causal=True, window=window)
+    return jnp.sum(o.astype(jnp.float32) * ct)
+
+  lower = lambda: jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
+      lowering_platforms=('cuda',)).as_text()
+  if mesh is None:
+    return lower()
+  with shd.use_mesh(mesh):
+    return lower()
+
+
 def test_cudnn_segments_are_the_runs_of_segment_ids():
   M = 4
   rows = np.array([[1, 1, 1, 2, 2, 0, 0, 0],     # packed + padding: 3 runs
@@ -158,20 +180,9 @@ def test_cudnn_kernel_runs_per_device_under_a_mesh_with_local_offsets(monkeypatc
   query heads, and the seqlen/offsets of its own rows (not the global
   batch's, which the cuDNN call would read as if they were local)."""
   from gemjax.parallel import sharding as shd
-  pretend_cuda(monkeypatch)
-  monkeypatch.setattr(platform, 'cudnn_static_ok', lambda *a: True)
-  q, k, v, ct, info = make_inputs(B=4, T=64, K=16)        # 4 query heads, 2 KV heads
-  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
   mesh = shd.make_mesh({'data': 2, 'fsdp': 1, 'expert': 1, 'context': 1, 'tensor': 2},
                        devices=jax.devices()[:4])
-
-  def loss(q, k, v):
-    o = attn.cudnn_kernel(q, k, v, info, causal=True, window=0)
-    return jnp.sum(o.astype(jnp.float32) * ct)
-
-  with shd.use_mesh(mesh):
-    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
-        lowering_platforms=('cuda',)).as_text()
+  hlo = _cudnn_grad_hlo(monkeypatch, window=0, B=4, mesh=mesh)
   assert cudnn_calls(hlo) == {'__cudnn$fmhaSoftmax': 7, '__cudnn$fmhaSoftmaxBackward': 10}
   assert 'manual_computation' in hlo
   (line,) = [l for l in hlo.splitlines() if 'custom_call @__cudnn$fmhaSoftmax(' in l]
@@ -225,17 +236,7 @@ def test_cudnn_kernel_lowers_to_the_packed_cudnn_call_for_gpu(monkeypatch):
   operands, the padding-causal mask and the window; the batch-level
   'blockwise' fallback is the other branch. JAX's trace-time GPU probes
   are stubbed (`support.pretend_cuda`): they need a GPU."""
-  pretend_cuda(monkeypatch)
-  monkeypatch.setattr(platform, 'cudnn_static_ok', lambda *a: True)
-  q, k, v, ct, info = make_inputs(T=64, K=16)
-  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-
-  def loss(q, k, v):
-    o = attn.cudnn_kernel(q, k, v, info, causal=True, window=9)
-    return jnp.sum(o.astype(jnp.float32) * ct)
-
-  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
-      lowering_platforms=('cuda',)).as_text()
+  hlo = _cudnn_grad_hlo(monkeypatch, window=9)
   calls = cudnn_calls(hlo)
   # q, k, v, q/kv seqlen, q/kv offsets (+ output, stats, grad in backward).
   assert calls == {'__cudnn$fmhaSoftmax': 7, '__cudnn$fmhaSoftmaxBackward': 10}, calls
